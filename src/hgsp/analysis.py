@@ -1,0 +1,136 @@
+"""Depth sensitivity: perplexity with each layer, attention block or MLP block removed (§4).
+
+Removing part of layer ``l`` leaves the hidden states before ``l`` unchanged, so they are
+computed once (one base forward with a pre-hook on every layer) and each variant runs only
+layers ``l..L-1`` from the cached input of layer ``l``. A removed block is swapped for a module
+that adds zero to the residual stream, in place and restored afterwards: no model copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .modeling_hgsp import ZeroAttention, ZeroMLP
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RemovalAnalysis:
+    """Perplexities of the base model and of every single-removal variant.
+
+    ``delta_*`` are the increments over ``base_ppl`` clamped at 0, as used by the score.
+    """
+
+    base_ppl: float
+    layer_ppl: list[float]
+    attn_ppl: list[float]
+    mlp_ppl: list[float]
+    tokens: int
+    seq_len: int
+
+    def deltas(self, kind: str) -> torch.Tensor:
+        values = {"layer": self.layer_ppl, "attn": self.attn_ppl, "mlp": self.mlp_ppl}[kind]
+        return (torch.tensor(values, dtype=torch.float64) - self.base_ppl).clamp(min=0.0)
+
+
+@contextmanager
+def _removed(layer: nn.Module, kind: str):
+    """Temporarily replace the attention or MLP block of ``layer`` by a zero branch."""
+    name = "self_attn" if kind == "attn" else "mlp"
+    original = getattr(layer, name)
+    setattr(layer, name, ZeroAttention() if kind == "attn" else ZeroMLP())
+    try:
+        yield
+    finally:
+        setattr(layer, name, original)
+
+
+@contextmanager
+def _only_layers_from(model: nn.Module, adapter: Adapter, start: int):
+    """Make the decoder run layers ``start..L-1`` only (same module objects, no copy)."""
+    inner = model.model
+    layers, config = inner.layers, inner.config
+    saved = (config.num_hidden_layers, getattr(config, "layer_types", None))
+    inner.layers = nn.ModuleList(list(layers)[start:])
+    config.num_hidden_layers = len(layers) - start
+    if saved[1] is not None:
+        config.layer_types = saved[1][start:]  # Qwen2/3 pick each layer's mask by position
+    try:
+        yield
+    finally:
+        inner.layers = layers
+        config.num_hidden_layers = saved[0]
+        if saved[1] is not None:
+            config.layer_types = saved[1]
+
+
+def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    logits = logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
+        reduction="sum").item()
+
+
+def _nll(model, hidden: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed next-token NLL of ``labels`` when the decoder starts from ``hidden``."""
+    out = model.model(inputs_embeds=hidden, use_cache=False)
+    return _summed_nll(model.lm_head(out.last_hidden_state), labels)
+
+
+@torch.no_grad()
+def _layer_inputs(model, adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+    """Inputs of every decoder layer for one batch, and the base model's summed NLL."""
+    captured: list[torch.Tensor] = []
+    handles = [layer.register_forward_pre_hook(
+        lambda _m, args, kwargs: captured.append(
+            (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+        for layer in adapter.layers(model)]
+    try:
+        dev = model.get_input_embeddings().weight.device
+        logits = model(input_ids=ids.to(dev), use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, _summed_nll(logits, ids)
+
+
+@torch.no_grad()
+def removal_analysis(model: nn.Module, adapter: Adapter, windows: torch.Tensor,
+                     batch_size: int) -> RemovalAnalysis:
+    """Perplexity of the base model and of the 3L single-removal variants on ``windows``."""
+    layers = adapter.layers(model)
+    n = len(layers)
+    base, layer_nll, attn_nll, mlp_nll = 0.0, [0.0] * n, [0.0] * n, [0.0] * n
+    predicted = windows.shape[0] * (windows.shape[1] - 1)
+    batch_list = list(torch.split(windows, batch_size))
+    progress = tqdm(total=len(batch_list) * (3 * n + 1), desc="layer/block removal", leave=False)
+    for ids in batch_list:
+        inputs, base_nll = _layer_inputs(model, adapter, ids)
+        base += base_nll
+        progress.update(1)
+        for l in range(n):
+            # Skipping layer l = running layers l+1.. on the input of layer l.
+            with _only_layers_from(model, adapter, l + 1):
+                layer_nll[l] += _nll(model, inputs[l], ids)
+            for kind, acc in (("attn", attn_nll), ("mlp", mlp_nll)):
+                with _removed(layers[l], kind), _only_layers_from(model, adapter, l):
+                    acc[l] += _nll(model, inputs[l], ids)
+            progress.update(3)
+    progress.close()
+
+    def ppl(nll):
+        return math.exp(nll / predicted)
+
+    return RemovalAnalysis(
+        base_ppl=ppl(base), layer_ppl=[ppl(v) for v in layer_nll],
+        attn_ppl=[ppl(v) for v in attn_nll], mlp_ppl=[ppl(v) for v in mlp_nll],
+        tokens=windows.numel(), seq_len=windows.shape[1])

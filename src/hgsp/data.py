@@ -1,0 +1,196 @@
+"""Text corpora for calibration, analysis and evaluation, local first, then the Hub.
+
+Every corpus is looked up in the local data directories (``--data_dir``, then the
+``HGSP_DATA_DIR`` list, then ``<HGSP_HOME>/data`` where ``hgsp fetch-assets`` puts its files),
+and only then on the Hugging Face Hub. Calibration always reads a *training* split so that it
+never sees the text that perplexity is later measured on.
+
+Local layout of a data directory::
+
+    wikitext2/wiki.{train,valid,test}.raw   one paragraph a line (CRLF allowed)
+    ptb/ptb.{train,valid,test}.txt          one sentence a line
+    c4/c4_demo.jsonl                        JSON lines with a "text" field
+
+Offline, the 300 C4 demo documents are split in two disjoint parts: the first 200 are the
+"train" split (calibration), the last 100 the "validation" split (evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("wikitext2", "ptb", "c4")
+C4_DEMO_TRAIN_DOCS = 200  # documents [0, 200) calibrate, [200, 300) evaluate
+
+_LOCAL_FILES = {
+    ("wikitext2", "train"): "wikitext2/wiki.train.raw",
+    ("wikitext2", "validation"): "wikitext2/wiki.valid.raw",
+    ("wikitext2", "test"): "wikitext2/wiki.test.raw",
+    ("ptb", "train"): "ptb/ptb.train.txt",
+    ("ptb", "validation"): "ptb/ptb.valid.txt",
+    ("ptb", "test"): "ptb/ptb.test.txt",
+    ("c4", "train"): "c4/c4_demo.jsonl",
+    ("c4", "validation"): "c4/c4_demo.jsonl",
+}
+
+
+@dataclass
+class Corpus:
+    """Documents of one split, and where they came from (recorded in the run log)."""
+
+    name: str
+    split: str
+    documents: list[str]
+    origin: str
+
+
+def data_dirs(extra: str | os.PathLike | None = None) -> list[Path]:
+    """The local data directories, in lookup order."""
+    from .assets import assets_home  # late import: assets pulls in pip plumbing
+
+    dirs = [Path(extra)] if extra else []
+    env = os.environ.get("HGSP_DATA_DIR", "")
+    dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs.append(assets_home() / "data")
+    return [d.expanduser() for d in dirs]
+
+
+def load_corpus(name: str, split: str, data_dir: str | None = None) -> Corpus:
+    """Documents of ``name``/``split`` from a local directory, else from the Hub.
+
+    Raises:
+        UserError: unknown dataset, or the split is neither local nor reachable.
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}")
+    rel = _LOCAL_FILES.get((name, split))
+    if rel is None:
+        raise UserError(f"dataset '{name}' has no '{split}' split")
+    for directory in data_dirs(data_dir):
+        path = directory / rel
+        if path.is_file():
+            docs = _read_local(name, split, path)
+            log.info("%s/%s: %d documents from %s", name, split, len(docs), path)
+            return Corpus(name, split, docs, f"{path}{_c4_range(name, split)}")
+    return _load_from_hub(name, split, data_dir)
+
+
+def _c4_range(name: str, split: str) -> str:
+    if name != "c4":
+        return ""
+    return f" [documents 0-{C4_DEMO_TRAIN_DOCS - 1}]" if split == "train" else \
+        f" [documents {C4_DEMO_TRAIN_DOCS}-end]"
+
+
+def _read_local(name: str, split: str, path: Path) -> list[str]:
+    if name == "c4":
+        with path.open(encoding="utf-8") as f:
+            docs = [json.loads(line)["text"] for line in f if line.strip()]
+        return docs[:C4_DEMO_TRAIN_DOCS] if split == "train" else docs[C4_DEMO_TRAIN_DOCS:]
+    # newline="" keeps the CRLF of wiki.test.raw visible so that it can be stripped.
+    with path.open(encoding="utf-8", newline="") as f:
+        lines = [line.rstrip("\r\n") for line in f]
+    return [line for line in lines if line.strip()]
+
+
+_HUB = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "sentence"),
+    "c4": ("allenai/c4", "en", "text"),
+}
+_C4_HUB_FILES = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+
+
+def _load_from_hub(name: str, split: str, data_dir: str | None) -> Corpus:
+    looked = ", ".join(str(d) for d in data_dirs(data_dir))
+    hint = _offline_hint(name, split)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError(f"dataset {name}/{split} is not in the local data directories "
+                        f"({looked}) and the Hub is offline{hint}")
+    try:
+        import datasets  # optional: pip install 'hgsp[hub]'
+    except ImportError:
+        raise UserError(f"dataset {name}/{split} is not local ({looked}); loading it from the "
+                        f"Hub needs `pip install datasets`{hint}") from None
+    repo, subset, field = _HUB[name]
+    try:
+        if name == "c4":
+            ds = datasets.load_dataset(repo, data_files={split: _C4_HUB_FILES[split]}, split=split)
+        else:
+            ds = datasets.load_dataset(repo, subset, split=split)
+    except Exception as exc:  # noqa: BLE001 - network and hub errors vary widely
+        raise UserError(f"cannot load dataset {name}/{split} from the Hub ({exc}) and it is not "
+                        f"in the local data directories ({looked}){hint}") from None
+    docs = [t for t in ds[field] if t.strip()]
+    return Corpus(name, split, docs, f"hub:{repo}/{subset}/{split}")
+
+
+def _offline_hint(name: str, split: str) -> str:
+    if split == "train" and name in ("wikitext2", "ptb"):
+        return (f"; its test split must not be used for calibration (it is the evaluation "
+                f"text): use --dataset c4 after `hgsp fetch-assets`")
+    if name == "c4":
+        return "; run `hgsp fetch-assets` to get the C4 sample"
+    return ""
+
+
+def tokenize_windows(tokenizer, corpus: Corpus, seq_len: int) -> torch.Tensor:
+    """Join the documents with blank lines, tokenize once, cut ``seq_len`` windows.
+
+    Returns a ``(n_windows, seq_len)`` tensor of token ids; the tail shorter than a window is
+    dropped so every window is full (no padding inside calibration batches).
+    """
+    text = "\n\n".join(corpus.documents)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@dataclass
+class CalibrationSet:
+    """Token windows for importance (``calibration``) and removal analysis (``analysis``).
+
+    The two are disjoint windows of the same training corpus; ``*_windows`` record which.
+    """
+
+    calibration: torch.Tensor
+    analysis: torch.Tensor
+    calibration_windows: list[int]
+    analysis_windows: list[int]
+    origin: str
+
+
+def build_calibration_set(tokenizer, corpus: Corpus, num_samples: int, seq_len: int,
+                          analysis_samples: int, seed: int) -> CalibrationSet:
+    """Pick disjoint random windows for calibration and analysis, reproducibly from ``seed``."""
+    windows = tokenize_windows(tokenizer, corpus, seq_len)
+    needed = num_samples + analysis_samples
+    if windows.shape[0] < needed:
+        raise UserError(
+            f"{corpus.name}/{corpus.split} gives {windows.shape[0]} windows of {seq_len} tokens, "
+            f"but --num_examples {num_samples} + --analysis_samples {analysis_samples} = "
+            f"{needed} are needed: lower them or --seq_len")
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    cal = order[:num_samples].tolist()
+    ana = order[num_samples:needed].tolist()
+    return CalibrationSet(windows[cal], windows[ana], cal, ana, corpus.origin)
+
+
+def batches(windows: torch.Tensor, batch_size: int):
+    """Yield ``(input_ids, attention_mask, labels)`` batches of full windows."""
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size]
+        yield ids, torch.ones_like(ids), ids.clone()

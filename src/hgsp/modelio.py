@@ -1,0 +1,176 @@
+"""Loading base and pruned models (folder, hub id, GGUF file, ``pruned_model.bin``).
+
+Security: nothing here unpickles arbitrary objects (``torch.load`` runs with
+``weights_only=True``) and ``trust_remote_code`` is never set for the input model. Pruned
+models made by hgsp load through the classes of :mod:`hgsp.modeling_hgsp`, which are
+registered with the transformers Auto classes on import, so hgsp itself never needs to run
+code shipped inside a model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .adapters import adapter_for
+from .errors import UserError
+from . import registry  # noqa: F401 - makes pruned folders loadable
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRUNED_BIN = "pruned_model.bin"
+PRUNED_BIN_FORMAT = "hgsp-pruned-model-v1"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user passed
+    kind: str  # "folder" | "hub" | "gguf" | "pruned_bin"
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on GPUs."""
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype '{name}': use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_hub_id(spec: str) -> bool:
+    """``org/name`` with no path-only characters, and nothing by that name on disk."""
+    return bool(_HUB_ID.match(spec)) and not spec.endswith((".gguf", ".bin"))
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               device_map: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a folder, a hub id, a GGUF file or a .bin.
+
+    Raises:
+        UserError: the path is missing or unreadable, or the architecture is unsupported.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        model, tok = load_gguf(path, dtype)
+        kind = "gguf"
+    elif path.is_file() and path.name.endswith(".bin"):
+        model, tok = load_pruned_bin(path, dtype)
+        kind = "pruned_bin"
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder '{spec}' has no config.json: pass a Hugging Face "
+                            "model folder, a .gguf file or a pruned_model.bin")
+        model, tok = _load_pretrained(str(path), dtype, device_map)
+        kind = "folder"
+    elif path.exists():
+        raise UserError(f"cannot read model '{spec}': pass a Hugging Face model folder, "
+                        "a .gguf file or a pruned_model.bin")
+    elif not _is_hub_id(spec):
+        raise UserError(f"model path '{spec}' does not exist: check the path "
+                        "(or give a hub id such as meta-llama/Llama-3.1-8B)")
+    else:
+        model, tok = _load_pretrained(spec, dtype, device_map)
+        kind = "hub"
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, tok, spec, kind)
+
+
+def _check_config(spec: str):
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except ValueError as exc:  # unknown model_type: transformers would need remote code
+        raise UserError(f"unsupported architecture in '{spec}' ({_first_line(exc)}): hgsp "
+                        "prunes llama, mistral, qwen2 and qwen3 models") from None
+    except OSError as exc:
+        raise UserError(f"cannot load '{spec}': {_first_line(exc)} (offline? set --base_model "
+                        "to a local folder)") from None
+    adapter_for(config)  # raises for unsupported families
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _load_pretrained(spec: str, dtype: torch.dtype, device_map: str | None):
+    _check_config(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, device_map=device_map)
+        tok = AutoTokenizer.from_pretrained(spec)
+    except OSError as exc:
+        raise UserError(f"cannot load '{spec}': {_first_line(exc)}") from None
+    return model, tok
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """Load a GGUF checkpoint, de-quantized, as a plain (saveable) transformers model.
+
+    transformers' GGUF loader keeps a ``quantization_config`` that makes the model refuse
+    ``save_pretrained``; rebuilding from a clean config and copying the state dict drops it.
+    """
+    folder, name = str(path.parent), path.name
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot load GGUF file '{path}': {_first_line(exc)}") from None
+    adapter_for(loaded.config)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    if model.generation_config is not None and loaded.generation_config is not None:
+        model.generation_config = loaded.generation_config
+    return model, tok
+
+
+def load_pruned_bin(path: Path, dtype: torch.dtype = torch.float32):
+    """Load the ``pruned_model.bin`` written by :func:`hgsp.save.save_pruned_model`.
+
+    The file holds only a config (as JSON text) and tensors, so ``weights_only=True`` reads it.
+    The tokenizer is read from the same folder.
+    """
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise UserError(f"cannot read '{path}' as an hgsp pruned model: {_first_line(exc)}") from None
+    if not isinstance(blob, dict) or blob.get("format") != PRUNED_BIN_FORMAT:
+        raise UserError(f"'{path}' is not a pruned_model.bin written by hgsp")
+    config = config_from_dict(json.loads(blob["config"]))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(blob["state_dict"], strict=False)
+    model.tie_weights()
+    missing = set(model.state_dict()) - set(blob["state_dict"])
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if missing - tied:
+        raise UserError(f"'{path}' lacks weights {sorted(missing - tied)[:3]}...")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent))
+    except (OSError, ValueError):
+        tok = None
+        log.warning("no tokenizer next to %s", path)
+    return model, tok
+
+
+def config_from_dict(config_dict: dict):
+    """Rebuild a config (stock or pruned) from its ``to_dict()`` form."""
+    config_dict = dict(config_dict)
+    model_type = config_dict.pop("model_type")
+    return AutoConfig.for_model(model_type, **config_dict)

@@ -1,0 +1,90 @@
+"""The H-GSP score of every group (DESIGN.md §5): pure tensor math on a flat group table.
+
+The table is a set of parallel 1-D tensors (one entry per group) rather than a list of
+objects, so that a 70B model's ~2.3 M groups are scored and sorted in a few vector operations.
+Groups are ordered layer by layer, attention groups before MLP channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ATTN, MLP = 0, 1
+KIND_NAMES = {ATTN: "attn", MLP: "mlp"}
+MODE_NONE, MODE_LAYER, MODE_BLOCK = "none", "layer", "block"
+
+
+@dataclass
+class GroupTable:
+    """One entry per group. ``delta`` is the Δ that entered the score (0 when T = 0)."""
+
+    layer: torch.Tensor  # int64
+    kind: torch.Tensor  # int64, ATTN or MLP
+    index: torch.Tensor  # int64, KV group or channel index within the layer
+    importance: torch.Tensor  # float64
+    cost: torch.Tensor  # int64 parameters
+    delta: torch.Tensor  # float64
+    score: torch.Tensor  # float64
+
+    def __len__(self) -> int:
+        return self.layer.numel()
+
+
+@dataclass
+class ScoreInfo:
+    """How each layer was scored: the threshold used and each layer's mode."""
+
+    tau: float | None
+    temperature: float
+    modes: list[str]
+
+
+def layout(attn_importance: torch.Tensor, mlp_importance: torch.Tensor,
+           attn_cost: int, mlp_cost: int) -> GroupTable:
+    """Flatten per-layer importances into a table with zero delta and score = I / cost."""
+    n_layers, n_groups = attn_importance.shape
+    n_channels = mlp_importance.shape[1]
+    per_layer = n_groups + n_channels
+    layer = torch.arange(n_layers).repeat_interleave(per_layer)
+    kind = torch.cat([torch.full((n_groups,), ATTN), torch.full((n_channels,), MLP)]).repeat(n_layers)
+    index = torch.cat([torch.arange(n_groups), torch.arange(n_channels)]).repeat(n_layers)
+    importance = torch.cat([attn_importance, mlp_importance], dim=1).reshape(-1).double()
+    cost = torch.where(kind == ATTN, attn_cost, mlp_cost).long()
+    return GroupTable(layer, kind, index, importance, cost,
+                      torch.zeros(layer.numel(), dtype=torch.float64), importance / cost)
+
+
+def auto_tau(delta_layer: torch.Tensor) -> float:
+    """The default threshold: the 25th percentile of the layer-removal increments."""
+    return float(torch.quantile(delta_layer.double(), 0.25))
+
+
+def hgsp_scores(table: GroupTable, temperature: float, delta_layer: torch.Tensor | None = None,
+                delta_attn: torch.Tensor | None = None, delta_mlp: torch.Tensor | None = None,
+                tau: float | None = None) -> ScoreInfo:
+    """Fill ``table.delta`` and ``table.score`` with ``S = I / cost * ln(1 + Δ)^T``.
+
+    A layer whose Δ_layer is below τ is Layer-Dominant (all its groups use Δ_layer); the others
+    are Block-Dominant (attention groups use Δ_attn, MLP channels Δ_mlp). With ``T = 0`` the
+    deltas are not needed and the score is the plain importance per parameter.
+    """
+    base = table.importance / table.cost
+    n_layers = int(table.layer.max()) + 1 if len(table) else 0
+    if temperature == 0:
+        table.delta.zero_()
+        table.score = base
+        return ScoreInfo(tau=None, temperature=0.0, modes=[MODE_NONE] * n_layers)
+    if delta_layer is None or delta_attn is None or delta_mlp is None:
+        raise ValueError("T > 0 needs the layer and block removal deltas")
+    delta_layer, delta_attn, delta_mlp = (d.double().clamp(min=0) for d in
+                                          (delta_layer, delta_attn, delta_mlp))
+    if tau is None:
+        tau = auto_tau(delta_layer)
+    layer_dominant = delta_layer < tau
+    block_delta = torch.where(table.kind == ATTN, delta_attn[table.layer], delta_mlp[table.layer])
+    table.delta = torch.where(layer_dominant[table.layer], delta_layer[table.layer], block_delta)
+    table.score = base * torch.log1p(table.delta).pow(temperature)
+    modes = [MODE_LAYER if d else MODE_BLOCK for d in layer_dominant.tolist()]
+    return ScoreInfo(tau=float(tau), temperature=float(temperature), modes=modes)

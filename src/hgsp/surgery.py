@@ -1,0 +1,139 @@
+"""Apply a pruning plan: a new, physically smaller model built from sliced weights (§7).
+
+The base model is left untouched (evaluation compares against it). The pruned model is
+created with empty (meta) parameters and then given the sliced tensors, so the extra memory is
+the pruned size only. When every kept layer still has the base widths (only whole layers
+removed), the result is a stock transformers model; otherwise it is the matching class of
+:mod:`hgsp.modeling_hgsp`, which reads per-layer sizes from its config.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from . import registry  # noqa: F401 - pruned configs resolve to hgsp classes
+from .adapters import Adapter
+from .modeling_hgsp import PRUNED_CLASSES
+from .plan import LayerPlan, PruningPlan, as_index
+
+log = logging.getLogger(__name__)
+
+# per-projection: (dimension that is sliced, which kept indices, rows per kept index key)
+_SLICES = {
+    "self_attn.q_proj": ("out", "heads", "q"),
+    "self_attn.k_proj": ("out", "heads", "kv"),
+    "self_attn.v_proj": ("out", "heads", "kv"),
+    "self_attn.o_proj": ("in", "heads", "q"),
+    "mlp.gate_proj": ("out", "channels", "ch"),
+    "mlp.up_proj": ("out", "channels", "ch"),
+    "mlp.down_proj": ("in", "channels", "ch"),
+}
+_ATTN_ONLY = ("input_layernorm.", "self_attn.")
+_MLP_ONLY = ("post_attention_layernorm.", "mlp.")
+
+
+def is_uniform(plan: PruningPlan) -> bool:
+    """True when the kept layers are untouched, so a stock config describes the model."""
+    return all(len(lp.kept_kv_heads) == plan.num_kv_heads
+               and len(lp.kept_channels) == plan.intermediate_size for lp in plan.kept_layers)
+
+
+def pruned_config(base_config, plan: PruningPlan):
+    """The config of the pruned model: fewer layers and, if needed, per-layer sizes."""
+    data = base_config.to_dict()
+    for key in ("_name_or_path", "auto_map", "architectures", "transformers_version"):
+        data.pop(key, None)
+    kept = plan.kept_layers
+    data["num_hidden_layers"] = len(kept)
+    if data.get("layer_types"):
+        data["layer_types"] = [data["layer_types"][lp.index] for lp in kept]
+    if data.get("max_window_layers") is not None:  # Qwen2: layers below it use full attention
+        data["max_window_layers"] = sum(lp.index < data["max_window_layers"] for lp in kept)
+    model_type = data.pop("model_type")
+    if is_uniform(plan):
+        config = AutoConfig.for_model(model_type, **data)
+    else:
+        config_cls, model_cls = PRUNED_CLASSES[model_type]
+        data["hgsp_num_key_value_heads"] = [len(lp.kept_kv_heads) for lp in kept]
+        data["hgsp_intermediate_sizes"] = [len(lp.kept_channels) for lp in kept]
+        data["hgsp_source_layers"] = [lp.index for lp in kept]
+        data["auto_map"] = {
+            "AutoConfig": f"modeling_hgsp.{config_cls.__name__}",
+            "AutoModelForCausalLM": f"modeling_hgsp.{model_cls.__name__}",
+        }
+        config = config_cls(**data)
+        config.architectures = [model_cls.__name__]
+    return config
+
+
+def _rows(kept: list[int], width: int) -> torch.Tensor:
+    """Rows (or columns) of the kept units, each unit ``width`` consecutive rows."""
+    kept_t = as_index(kept)
+    return (kept_t.unsqueeze(1) * width + torch.arange(width)).reshape(-1)
+
+
+def _slice_layer(prefix: str, tensors: dict[str, torch.Tensor], lp: LayerPlan,
+                 widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Sliced copies of one layer's tensors, named relative to the layer."""
+    out = {}
+    index = {"heads": lp.kept_kv_heads, "channels": lp.kept_channels}
+    for name, tensor in tensors.items():
+        if (lp.attn_removed and name.startswith(_ATTN_ONLY)) or \
+                (lp.mlp_removed and name.startswith(_MLP_ONLY)):
+            continue
+        module, _, pname = name.rpartition(".")
+        spec = _SLICES.get(module)
+        if spec is None:  # norms, q_norm/k_norm: shared by every head, kept whole
+            out[name] = tensor.clone()
+            continue
+        dim, which, key = spec
+        rows = _rows(index[which], widths[key]).to(tensor.device)
+        if dim == "out":
+            out[name] = tensor.index_select(0, rows)
+        elif pname == "weight":
+            out[name] = tensor.index_select(1, rows)
+        else:  # bias of o/down lies along the hidden size: untouched
+            out[name] = tensor.clone()
+    return {f"{prefix}{name}": t for name, t in out.items()}
+
+
+def sliced_state_dict(model: nn.Module, adapter: Adapter, plan: PruningPlan) -> dict:
+    """The pruned model's state dict, with kept layers renumbered densely."""
+    d = adapter.dims()
+    widths = {"q": d.gqa_ratio * d.head_dim, "kv": d.head_dim, "ch": 1}
+    state = model.state_dict()
+    out = {k: v.clone() for k, v in state.items() if not k.startswith("model.layers.")}
+    for new_index, lp in enumerate(plan.kept_layers):
+        old = f"model.layers.{lp.index}."
+        tensors = {k[len(old):]: v for k, v in state.items() if k.startswith(old)}
+        out.update(_slice_layer(f"model.layers.{new_index}.", tensors, lp, widths))
+    return out
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, adapter: Adapter, plan: PruningPlan) -> nn.Module:
+    """A new model that is ``model`` pruned as ``plan`` says; ``model`` is not changed."""
+    if plan.num_layers != len(adapter.layers(model)):
+        raise ValueError(f"plan is for {plan.num_layers} layers, model has "
+                         f"{len(adapter.layers(model))}")
+    if not plan.kept_layers:
+        raise ValueError("the plan removes every layer")
+    config = pruned_config(model.config, plan)
+    state = sliced_state_dict(model, adapter, plan)
+    dtype = next(model.parameters()).dtype
+    with init_empty_weights(include_buffers=False):
+        pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    pruned.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        pruned.tie_weights()
+    meta = [n for n, p in pruned.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(f"pruned model has weights that were not filled: {meta[:5]}")
+    pruned.generation_config = model.generation_config
+    pruned.eval()
+    return pruned.to(next(model.parameters()).device)
