@@ -48,3 +48,71 @@ def arch(request):
 def tokens():
     torch.manual_seed(1)
     return torch.randint(3, VOCAB, (2, 12))
+
+
+WORDS = ("the of and to in is was for on that with as by at from his her it an were are "
+         "which this be or has had first one their its new after who they two time year "
+         "city river music film team game people world water house school north south "
+         "small large early later known during between under").split()
+
+
+def synthetic_documents(n: int, seed: int = 0) -> list[str]:
+    """Deterministic English-like documents for calibration and evaluation corpora."""
+    import random
+
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize()
+                     + "." for _ in range(rng.randint(3, 8))]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB):
+    """A BPE tokenizer trained on the synthetic corpus, with exactly ``vocab_size`` entries."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>",
+                                                                         "<unk>"])
+    tok.train_from_iterator(synthetic_documents(50), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def write_tiny_model(folder, arch: str = "llama", seed: int = 0):
+    """Save a tiny model and its tokenizer as a Hugging Face folder; returns the folder."""
+    tok = tiny_tokenizer()
+    model = tiny_model(arch, seed=seed, vocab_size=len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_data_dir(folder, n_docs: int = 300):
+    """A local data directory with a C4-style JSONL and WikiText-2 / PTB style test files."""
+    import json
+
+    docs = synthetic_documents(n_docs, seed=1)
+    (folder / "c4").mkdir(parents=True, exist_ok=True)
+    with (folder / "c4" / "c4_demo.jsonl").open("w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    (folder / "wikitext2").mkdir(exist_ok=True)
+    (folder / "wikitext2" / "wiki.test.raw").write_text("\r\n".join(docs[:40]) + "\r\n")
+    (folder / "ptb").mkdir(exist_ok=True)
+    (folder / "ptb" / "ptb.test.txt").write_text("\n".join(docs[40:80]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return write_data_dir(tmp_path_factory.mktemp("data"))

@@ -1,0 +1,208 @@
+"""The command line end to end on a tiny model saved to a temporary folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hgsp.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--num_examples", "4", "--seq_len", "16", "--gradient_batch_size", "2",
+        "--analysis_samples", "2", "--dataset", "c4"]
+
+
+def run_cli(args, capsys):
+    code = main(["prune", *args])
+    return code, capsys.readouterr().err
+
+
+def base_args(model_dir, data_dir, results, name="run", ratio="0.3"):
+    return ["--base_model", str(model_dir), "--output_name", name, "--pruning_ratio", ratio,
+            "--data_dir", str(data_dir), "--results_dir", str(results), *FAST]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, data_dir, tmp_path_factory):
+    """One complete run shared by the output checks (the run itself is the slow part)."""
+    results = tmp_path_factory.mktemp("results")
+    assert main(["prune", *base_args(tiny_model_dir, data_dir, results)]) == 0
+    return results / "run"
+
+
+def test_output_layout(finished_run):
+    expected = [
+        "models/config.json", "models/model.safetensors", "models/pruned_model.bin",
+        "models/tokenizer.json", "analysis/layer_removal_ppl.json",
+        "analysis/block_removal_ppl.json", "analysis/global_group_table.csv",
+        "analysis/groups_to_prune.csv", "analysis/pruning_plan.json",
+        "analysis/layer_summary.csv", "logs/run.log", "logs/config.json", "summary.json",
+    ]
+    for rel in expected:
+        assert (finished_run / rel).is_file(), rel
+    assert (finished_run / "evaluation").is_dir()
+    leftovers = [p.name for p in finished_run.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_summary_meets_budget(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    p = summary["parameters"]
+    assert p["target_ratio"] == 0.3
+    assert abs(p["removed"] - p["target_removed"]) <= 3 * 32 + 2 * 32  # one MLP channel + norms
+    assert p["base_total"] - p["pruned_total"] == p["removed"]
+    assert 0 < p["achieved_ratio_decoder"] < 1
+    model = AutoModelForCausalLM.from_pretrained(finished_run / "models")
+    assert sum(t.numel() for t in model.parameters()) == p["pruned_total"]
+
+
+def test_group_tables(finished_run):
+    with (finished_run / "analysis" / "global_group_table.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["layer", "type", "index", "importance", "cost", "delta", "score",
+                             "selected"]
+    assert len(rows) == 4 * (2 + 24)  # 4 layers x (2 KV groups + 24 channels)
+    with (finished_run / "analysis" / "groups_to_prune.csv").open() as f:
+        pruned = list(csv.DictReader(f))
+    assert len(pruned) == sum(r["selected"] == "1" for r in rows)
+    scores = [float(r["score"]) for r in pruned]
+    assert scores == sorted(scores)
+    assert {r["reason"] for r in pruned} <= {"score", "collapse"}
+
+
+def test_removal_analysis_files(finished_run):
+    layer = json.loads((finished_run / "analysis" / "layer_removal_ppl.json").read_text())
+    block = json.loads((finished_run / "analysis" / "block_removal_ppl.json").read_text())
+    assert len(layer["layers"]) == len(block["layers"]) == 4
+    assert layer["base_ppl"] > 1 and layer["tau"] is not None
+    for entry in layer["layers"]:
+        assert entry["delta"] == pytest.approx(max(0.0, entry["ppl"] - layer["base_ppl"]))
+        assert entry["mode"] in ("layer", "block")
+
+
+def test_layer_summary_matches_plan(finished_run):
+    plan = json.loads((finished_run / "analysis" / "pruning_plan.json").read_text())
+    with (finished_run / "analysis" / "layer_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(plan["layers"]) == 4
+    for row, lp in zip(rows, plan["layers"]):
+        assert int(row["kv_heads_after"]) == len(lp["kept_kv_heads"])
+        assert int(row["channels_after"]) == len(lp["kept_channels"])
+        assert int(row["q_heads_after"]) == 2 * len(lp["kept_kv_heads"])
+
+
+def test_resolved_config_logged(finished_run):
+    cfg = json.loads((finished_run / "logs" / "config.json").read_text())
+    assert cfg["arguments"]["pruning_ratio"] == 0.3
+    assert cfg["resolved"]["device"] == "cpu"
+    assert "torch" in cfg["versions"]
+    log = (finished_run / "logs" / "run.log").read_text()
+    assert "stage: calibration" in log and "pruned:" in log
+
+
+def test_temperature_zero_skips_analysis(tiny_model_dir, data_dir, tmp_path, capsys):
+    args = base_args(tiny_model_dir, data_dir, tmp_path) + ["--temperature", "0"]
+    assert run_cli(args, capsys)[0] == 0
+    layer = json.loads((tmp_path / "run" / "analysis" / "layer_removal_ppl.json").read_text())
+    assert layer["skipped"] is True
+
+
+def test_same_inputs_same_plan(tiny_model_dir, data_dir, tmp_path, capsys):
+    for name in ("a", "b"):
+        assert run_cli(base_args(tiny_model_dir, data_dir, tmp_path, name=name), capsys)[0] == 0
+    plan = [(tmp_path / n / "analysis" / "pruning_plan.json").read_bytes() for n in "ab"]
+    assert plan[0] == plan[1]
+
+
+BAD_INPUTS = [
+    (["--pruning_ratio", "1.5"], "--pruning_ratio 1.5 must be between 0 and 1"),
+    (["--pruning_ratio", "0"], "--pruning_ratio 0.0 must be between 0 and 1"),
+    (["--pruning_ratio", "0.95"], "decoder layers hold only"),
+    (["--temperature", "-1"], "--temperature -1.0 must be a finite number >= 0"),
+    (["--epsilon", "1"], "--epsilon 1.0 must be in [0, 1)"),
+    (["--epsilon", "-0.1"], "--epsilon -0.1 must be in [0, 1)"),
+    (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
+    (["--importance_method", "random"], "unknown --importance_method 'random'"),
+    (["--dataset", "wikitext2"], "use --dataset c4"),
+    (["--base_model", "/no/such/model"], "model path '/no/such/model' does not exist"),
+    (["--run_evaluation", "speed"], "unknown --run_evaluation 'speed'"),
+    (["--output_name", "../escape"], "must be a plain folder name"),
+    (["--num_examples", "0"], "--num_examples must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_one_line_exit_2(extra, message, tiny_model_dir, data_dir, tmp_path, capsys,
+                                   monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HGSP_HOME", str(tmp_path / "home"))  # no fetched assets to fall back on
+    code, err = run_cli(base_args(tiny_model_dir, data_dir, tmp_path) + extra, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_unsupported_architecture(tmp_path, data_dir, capsys):
+    from transformers import AutoConfig
+
+    folder = tmp_path / "gpt2"
+    config = AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2, vocab_size=50)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    code, err = run_cli(base_args(folder, data_dir, tmp_path), capsys)
+    assert code == 2 and "unsupported architecture 'gpt2'" in err
+    assert "llama, mistral, qwen2, qwen3" in err
+
+
+def test_existing_results_are_kept(tiny_model_dir, data_dir, tmp_path, capsys):
+    marker = tmp_path / "run" / "keep.txt"
+    marker.parent.mkdir()
+    marker.write_text("earlier result")
+    code, err = run_cli(base_args(tiny_model_dir, data_dir, tmp_path), capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert marker.read_text() == "earlier result"
+    # With --overwrite the old folder is replaced only once the new run is complete.
+    code, _ = run_cli(base_args(tiny_model_dir, data_dir, tmp_path) + ["--overwrite"], capsys)
+    assert code == 0 and not marker.exists()
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_failure_midway_leaves_no_partial_results(tiny_model_dir, data_dir, tmp_path, capsys,
+                                                  monkeypatch):
+    marker = tmp_path / "run" / "keep.txt"
+    marker.parent.mkdir()
+    marker.write_text("earlier result")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hgsp.pipeline.save_pruned_model", interrupted)
+    code, err = run_cli(base_args(tiny_model_dir, data_dir, tmp_path) + ["--overwrite"], capsys)
+    assert code == 130 and "no results were written" in err
+    assert marker.read_text() == "earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_run_global_pruning_script(tiny_model_dir, data_dir, tmp_path):
+    """The usage document's command, in a separate process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "run_global_pruning.py"),
+           *base_args(tiny_model_dir, data_dir, tmp_path, ratio="0.4"), "--importance_method",
+           "wanda", "--no-save_bin"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "done:" in proc.stderr
+    assert not (tmp_path / "run" / "models" / "pruned_model.bin").exists()
+    tok_ids = torch.tensor([[5, 6, 7, 8]])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "models")
+    out = model.generate(tok_ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
