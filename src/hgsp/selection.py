@@ -139,17 +139,19 @@ def select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float) ->
     selected = greedy_knapsack(table.score, table.cost, budget)
     totals = blocks.layer_totals()
     collapsed = torch.zeros(blocks.n_layers, dtype=torch.bool)
-    while epsilon > 0:
+    while True:
+        # Give back what wholly removed blocks (their fixed part) and collapsed layers removed
+        # beyond the budget; then check again, since a give-back can leave a layer below ε.
+        _give_back(table, blocks, selected, budget, collapsed)
+        if epsilon <= 0:
+            break
         retained = 1 - blocks.layer_removed_params(selected) / totals
         fully_removed = blocks.removed_blocks(selected).view(-1, 2).all(dim=1)
         new = (retained < epsilon) & ~fully_removed & ~collapsed
         if not new.any():
             break
-        collapsed |= new
+        collapsed |= new  # at least one new layer per pass, so the loop ends
         selected |= new[table.layer]
-        _give_back(table, blocks, selected, budget, collapsed)
-    # Wholly selected blocks also shed their fixed part, which the knapsack did not count.
-    _give_back(table, blocks, selected, budget, collapsed)
     removed_blocks = blocks.removed_blocks(selected).view(-1, 2)
     return Selection(
         selected=selected,
