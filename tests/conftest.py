@@ -10,6 +10,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Every test gets an empty result cache: tests must not see each other's entries."""
+    monkeypatch.setenv("HGSP_CACHE_DIR", str(tmp_path / "hgsp-cache"))
+
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")

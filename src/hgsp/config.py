@@ -29,7 +29,9 @@ class PruneConfig:
                                "file (de-quantized on load)", required=True)
     output_name: str = _f(None, "results go to RESULTS_DIR/OUTPUT_NAME/", required=True)
     pruning_ratio: float = _f(0.5, "fraction of ALL parameters to remove (embeddings included, "
-                                   "tied weights counted once); 0.5 = remove half")
+                                   "tied weights counted once); 0.5 = remove half. A list "
+                                   "such as 0.2,0.3,0.5 writes OUTPUT_NAME_r0.2, ... from one "
+                                   "scoring pass", cli_type=str)
     temperature: float = _f(1.0, "H-GSP temperature T: score = I/cost * ln(1+Δ)^T; 0 = pure "
                                  "importance (skips the removal analysis), >1 protects sensitive "
                                  "layers more")
@@ -47,7 +49,7 @@ class PruneConfig:
     analysis_samples: int = _f(16, "windows for the layer/block removal analysis (disjoint from "
                                    "the calibration windows)")
     analysis_batch_size: int = _f(8, "windows per forward pass in the removal analysis")
-    seed: int = _f(42, "random seed (window choice)")
+    seed: int = _f(42, "random seed (window choice; fine-tuning examples and order)")
     data_dir: str | None = _f(None, "extra local data directory searched first (see README: "
                                     "offline data)")
     results_dir: str = _f("results", "parent directory of the results")
@@ -58,17 +60,48 @@ class PruneConfig:
                             "bfloat16, float16", choices=("auto", "float32", "bfloat16", "float16"))
     device_map: str | None = _f(None, "accelerate device map for models larger than one device "
                                       "(e.g. auto)")
+    cache: bool = _f(True, "reuse importances and removal analysis cached under "
+                           "$HGSP_HOME/cache for the same model, data and settings",
+                     negatable=True)
     save_bin: bool = _f(True, "also write models/pruned_model.bin (loadable with "
                               "torch.load(weights_only=True))", negatable=True)
     run_evaluation: str | None = _f(None, "evaluations after pruning, comma-separated: ppl, "
                                           "zeroshot, efficiency, or all")
     eval_ppl_datasets: str = _f("wikitext2,ptb", "perplexity datasets (wikitext2, ptb, c4)")
     eval_ppl_seq_len: str = _f("128", "perplexity window lengths, comma-separated (e.g. 128,2048)")
-    eval_zeroshot_tasks: str = _f("piqa,hellaswag,winogrande,arc_easy", "zero-shot tasks")
+    eval_ppl_max_windows: int | None = _f(None, "evaluate only the first N perplexity windows "
+                                                "(quick looks; recorded in the results)")
+    eval_zeroshot_tasks: str = _f("default", "zero-shot tasks and/or suites, comma-separated: "
+                                             "default (piqa,hellaswag,winogrande,arc_easy), "
+                                             "llm_pruner (7 tasks), slicegpt (5 tasks)")
+    eval_zeroshot_limit: int | None = _f(None, "evaluate only the first N documents per task")
     finetune: bool = _f(False, "fine-tune the pruned model to recover quality")
     finetune_method: str = _f("lora", "lora or full", choices=("lora", "full"))
     finetune_samples: int = _f(500, "fine-tuning examples")
     lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: float = _f(16.0, "LoRA scale alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the input of the LoRA update")
+    lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                  "projections that get a LoRA update, comma-separated (those "
+                                  "that pruning removed everywhere are skipped)")
+    finetune_data_path: str | None = _f(None, "Alpaca-format data (instruction, input, output) "
+                                              "for --finetune: a .json/.jsonl file or a Hub "
+                                              "dataset id (default: alpaca/alpaca_en_demo.json "
+                                              "in the local data directories, else "
+                                              "yahma/alpaca-cleaned)")
+    finetune_val_samples: int = _f(50, "held-out examples for the validation loss (disjoint "
+                                       "from the training ones; 0 = none)")
+    finetune_lr: float | None = _f(None, "peak learning rate (default: 2e-4 for lora, 2e-5 for "
+                                         "full)")
+    finetune_epochs: float = _f(2.0, "passes over the fine-tuning examples")
+    finetune_micro_batch: int = _f(4, "examples per forward/backward pass")
+    finetune_grad_accum: int = _f(4, "micro-batches per optimizer step (batch = micro_batch x "
+                                     "grad_accum x processes)")
+    finetune_cutoff_len: int = _f(256, "tokens per example (prompt + response); longer ones "
+                                       "are cut")
+    finetune_gradient_checkpointing: bool = _f(True, "recompute activations in the fine-tuning "
+                                                     "backward pass (less memory, slower)",
+                                               negatable=True)
     log_level: str = _f("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def to_dict(self) -> dict:
@@ -117,3 +150,6 @@ class PruneConfig:
         if unknown:
             raise UserError(f"unknown --run_evaluation '{','.join(sorted(unknown))}': use "
                             f"{', '.join(EVAL_KINDS)} or all")
+        for name in ("eval_ppl_max_windows", "eval_zeroshot_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name} must be a positive integer")

@@ -19,9 +19,12 @@ but transformers installed. It must therefore import only torch and transformers
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import (
+    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -116,6 +119,38 @@ class _HgspMixin:
         super().__init__(config)
         shrink_layers(self, config)
         self.post_init()
+
+    def _attention_cache(self):
+        """A KV cache with one slot per attending layer, typed like that layer.
+
+        transformers types cache slot i after ``config.layer_types[i]``; with the slots
+        renumbered densely (see :func:`shrink_layers`) that is the wrong layer as soon as an
+        attention block is gone and full and sliding layers are mixed (Qwen2/3 with
+        ``use_sliding_window``). Returns None where the default cache is already right.
+        """
+        kv_heads = self.config.hgsp_num_key_value_heads
+        types = getattr(self.config, "layer_types", None)
+        if all(kv_heads) or not types or len(set(types)) == 1:
+            return None
+        attending = [i for i, n in enumerate(kv_heads) if n > 0]
+        config = copy.copy(self.config)
+        config.layer_types = [types[i] for i in attending]
+        config.num_hidden_layers = len(attending)
+        return DynamicCache(config=config)
+
+    def forward(self, *args, past_key_values=None, use_cache=None, **kwargs):
+        if past_key_values is None and (use_cache if use_cache is not None
+                                        else self.config.use_cache):
+            past_key_values = self._attention_cache()
+        return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache,
+                               **kwargs)
+
+    def generate(self, *args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            cache = self._attention_cache()
+            if cache is not None:
+                kwargs["past_key_values"] = cache
+        return super().generate(*args, **kwargs)
 
 
 class HgspLlamaConfig(LlamaConfig):

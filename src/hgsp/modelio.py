@@ -9,6 +9,7 @@ code shipped inside a model folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -106,8 +107,20 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """transformers 5 builds an *empty* tokenizer for some configs when none is saved; look
+    for the files instead of trusting AutoTokenizer to fail."""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def _load_pretrained(spec: str, dtype: torch.dtype, device_map: str | None):
     _check_config(spec)
+    if Path(spec).is_dir() and not has_tokenizer_files(Path(spec)):
+        raise UserError(f"model folder '{spec}' has no tokenizer (tokenizer.json or "
+                        "tokenizer_config.json): save the tokenizer beside the model")
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, device_map=device_map)
         tok = AutoTokenizer.from_pretrained(spec)
@@ -161,10 +174,10 @@ def load_pruned_bin(path: Path, dtype: torch.dtype = torch.float32):
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if missing - tied:
         raise UserError(f"'{path}' lacks weights {sorted(missing - tied)[:3]}...")
-    try:
+    tok = None
+    if has_tokenizer_files(path.parent):
         tok = AutoTokenizer.from_pretrained(str(path.parent))
-    except (OSError, ValueError):
-        tok = None
+    else:
         log.warning("no tokenizer next to %s", path)
     return model, tok
 
@@ -174,3 +187,20 @@ def config_from_dict(config_dict: dict):
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type")
     return AutoConfig.for_model(model_type, **config_dict)
+
+
+def model_fingerprint(source: str | None) -> str | None:
+    """Path, sizes and modification times of a model's files: cheap, and changes with them.
+
+    Hashing the weights themselves would read gigabytes on every run; any rewrite of a file
+    changes its size or time, which is what a cache key needs to notice.
+    """
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        return f"hub:{source}"
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    parts = [str(path.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                     for f in files if f.is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -18,11 +18,13 @@ import torch
 from . import __version__
 from .adapters import Adapter, adapter_for
 from .analysis import RemovalAnalysis, removal_analysis
+from .cache import cache_key, cached, load_analysis, load_importance, store_analysis, \
+    store_importance, tensor_digest
 from .config import PruneConfig
 from .data import build_calibration_set, load_corpus
 from .errors import UserError
 from .importance import compute_importance
-from .modelio import load_model, resolve_dtype
+from .modelio import load_model, model_fingerprint, resolve_dtype
 from .outputs import layer_summary, write_group_tables, write_layer_summary, \
     write_removal_analysis
 from .plan import PruningPlan, plan_from_selection
@@ -120,8 +122,9 @@ def _refuse_unavailable(cfg: PruneConfig) -> None:
         raise UserError("--finetune is not available in this version of hgsp yet: run without "
                         "it")
     if cfg.evaluations:
-        from . import evaluate  # noqa: F401 - evaluation checks its own arguments
-        evaluate.check_request(cfg)
+        from .evaluate import check_request
+
+        check_request(cfg)
 
 
 def prune(cfg: PruneConfig) -> PruneResult:
@@ -158,15 +161,9 @@ def prune(cfg: PruneConfig) -> PruneResult:
                 cal = build_calibration_set(tokenizer, corpus, cfg.num_examples, cfg.seq_len,
                                             cfg.analysis_samples if cfg.temperature > 0 else 0,
                                             cfg.seed)
-            importance = compute_importance(
-                model, adapter, cfg.importance_method,
-                cal.calibration if cal is not None else None, cfg.gradient_batch_size,
-                cfg.use_gradient_checkpointing)
+            importance = _importance_stage(cfg, model, adapter, cal, dtype)
         with timer("analysis"):
-            analysis = None
-            if cfg.temperature > 0:
-                analysis = removal_analysis(model, adapter, cal.analysis, cfg.analysis_batch_size)
-                log.info("base perplexity on the analysis set: %.3f", analysis.base_ppl)
+            analysis = _analysis_stage(cfg, model, adapter, cal, dtype)
         with timer("selection"):
             table, info, selection = score_and_select(importance, adapter, analysis, cfg, budget)
             d = adapter.dims()
@@ -201,6 +198,36 @@ def prune(cfg: PruneConfig) -> PruneResult:
         write_json(results.path("logs", "config.json"), _resolved_config(cfg, device, dtype))
         _log_summary(summary)
     return PruneResult(results.final, summary, plan)
+
+
+def _importance_stage(cfg: PruneConfig, model, adapter: Adapter, cal, dtype):
+    """Group importances, from the cache when the model, data and settings match."""
+    windows = cal.calibration if cal is not None else None
+    key = None
+    if cfg.cache:
+        key = cache_key(stage="importance", model=model_fingerprint(cfg.base_model),
+                        method=cfg.importance_method, dataset=cfg.dataset,
+                        num_examples=cfg.num_examples, seq_len=cfg.seq_len, seed=cfg.seed,
+                        batch_size=cfg.gradient_batch_size, dtype=str(dtype),
+                        tokens=None if windows is None else tensor_digest(windows))
+    importance, _ = cached(load_importance, store_importance, key, lambda: compute_importance(
+        model, adapter, cfg.importance_method, windows, cfg.gradient_batch_size,
+        cfg.use_gradient_checkpointing))
+    return importance
+
+
+def _analysis_stage(cfg: PruneConfig, model, adapter: Adapter, cal, dtype):
+    """Layer/block removal perplexities (None when T = 0), cached like the importances."""
+    if cfg.temperature == 0:
+        return None
+    key = None
+    if cfg.cache:
+        key = cache_key(stage="analysis", model=model_fingerprint(cfg.base_model),
+                        dtype=str(dtype), tokens=tensor_digest(cal.analysis))
+    analysis, _ = cached(load_analysis, store_analysis, key, lambda: removal_analysis(
+        model, adapter, cal.analysis, cfg.analysis_batch_size))
+    log.info("base perplexity on the analysis set: %.3f", analysis.base_ppl)
+    return analysis
 
 
 def _layer_params(model, pruned, adapter, plan) -> list[tuple[int, int]]:
