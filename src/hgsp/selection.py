@@ -127,14 +127,27 @@ def _give_back(table: GroupTable, blocks: _Blocks, selected: torch.Tensor, budge
             removed -= release
 
 
-def select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float) -> Selection:
+def select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float,
+           round_to: int = 1) -> Selection:
     """Greedy global selection, then collapse of nearly empty layers.
 
     Args:
         budget: parameters to remove from the decoder layers.
         epsilon: a layer keeping less than this fraction of its parameters is removed whole;
             what that removes beyond the budget is given back elsewhere. 0 disables collapse.
+        round_to: keep every MLP width a multiple of this (see :mod:`hgsp.rounding`).
     """
+    if round_to <= 1:
+        return _select(table, budget, fixed, epsilon)
+    from .rounding import chunk_mlp_channels
+
+    chunking = chunk_mlp_channels(table, round_to)
+    result = _select(chunking.table, budget, fixed, epsilon)
+    result.selected = chunking.expand(result.selected)
+    return result
+
+
+def _select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float) -> Selection:
     blocks = _Blocks(table, fixed)
     selected = greedy_knapsack(table.score, table.cost, budget)
     totals = blocks.layer_totals()

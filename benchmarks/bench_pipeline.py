@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Time the pruning pipeline on the demo model, stage by stage.
+
+Measures, each in a fresh child process (so peak memory is that run's own):
+1. a full pruning run at the defaults (stage times, peak RSS), with an empty cache;
+2. a second run at another ratio that reuses the cached importances and analysis;
+3. the removal analysis done the cached way (hgsp.analysis) and the naive way (a full forward
+   for each of the 3L+1 variants), on the same windows, and their ratio.
+
+    python benchmarks/bench_pipeline.py [--model PATH] [--ratio 0.5] [--out FILE]
+
+Writes JSON (default benchmarks/results/pipeline.json) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def _child(fn, queue, *args):
+    result = fn(*args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(result)
+
+
+def in_child(fn, *args) -> dict:
+    """Run ``fn(*args)`` in a spawned process; its return dict gains the child's peak RSS."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, queue, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def prune_run(model: str, ratio: float, results: str, name: str) -> dict:
+    from hgsp.config import PruneConfig
+    from hgsp.pipeline import prune
+
+    start = time.perf_counter()
+    out = prune(PruneConfig(base_model=model, output_name=name, pruning_ratio=ratio,
+                            dataset="c4", results_dir=results, log_level="WARNING"))
+    return {"wall_s": time.perf_counter() - start, "stages_s": out.summary["timings_s"],
+            "achieved_ratio": out.summary["parameters"]["achieved_ratio_total"]}
+
+
+@contextmanager
+def _without_layer(model, index):
+    layers = model.model.layers
+    config = model.config
+    saved = (config.num_hidden_layers, getattr(config, "layer_types", None))
+    model.model.layers = type(layers)([m for i, m in enumerate(layers) if i != index])
+    config.num_hidden_layers -= 1
+    if saved[1] is not None:
+        config.layer_types = [t for i, t in enumerate(saved[1]) if i != index]
+    try:
+        yield
+    finally:
+        model.model.layers = layers
+        config.num_hidden_layers = saved[0]
+        if saved[1] is not None:
+            config.layer_types = saved[1]
+
+
+def naive_analysis(model, windows, batch_size: int) -> list[float]:
+    """3L+1 full forwards: the base, each layer skipped, each block zeroed."""
+    import torch
+
+    from hgsp.analysis import _removed, _summed_nll
+
+    def nll():
+        total = 0.0
+        with torch.no_grad():
+            for ids in torch.split(windows, batch_size):
+                total += _summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
+        return total
+
+    out = [nll()]
+    for index, layer in enumerate(list(model.model.layers)):
+        with _without_layer(model, index):
+            out.append(nll())
+        for kind in ("attn", "mlp"):
+            with _removed(layer, kind):
+                out.append(nll())
+    return out
+
+
+def analysis_run(model_path: str, samples: int, seq_len: int, batch: int) -> dict:
+    import torch
+
+    from hgsp.adapters import adapter_for
+    from hgsp.analysis import removal_analysis
+    from hgsp.data import build_calibration_set, load_corpus
+    from hgsp.modelio import load_model
+
+    loaded = load_model(model_path)
+    corpus = load_corpus("c4", "train")
+    cal = build_calibration_set(loaded.tokenizer, corpus, 32, seq_len, samples, 42)
+    torch.manual_seed(0)
+    adapter = adapter_for(loaded.model.config)
+    start = time.perf_counter()
+    cached = removal_analysis(loaded.model, adapter, cal.analysis, batch)
+    cached_s = time.perf_counter() - start
+    start = time.perf_counter()
+    naive = naive_analysis(loaded.model, cal.analysis, batch)
+    naive_s = time.perf_counter() - start
+    predicted = cal.analysis.shape[0] * (seq_len - 1)
+    import math
+
+    return {"cached_s": cached_s, "naive_s": naive_s, "ratio": cached_s / naive_s,
+            "variants": 3 * len(adapter.layers(loaded.model)) + 1,
+            "same_base_ppl": abs(math.exp(naive[0] / predicted) - cached.base_ppl) < 1e-3 *
+            cached.base_ppl, "windows": samples, "seq_len": seq_len}
+
+
+def main() -> int:
+    from hgsp.assets import asset_paths
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(asset_paths()["model"]))
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--second_ratio", type=float, default=0.3)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["HGSP_CACHE_DIR"] = str(Path(tmp) / "cache")  # start from an empty cache
+        first = in_child(prune_run, args.model, args.ratio, tmp, "first")
+        second = in_child(prune_run, args.model, args.second_ratio, tmp, "second")
+    analysis = in_child(analysis_run, args.model, 16, 128, 8)
+    import torch
+
+    report = {
+        "model": args.model, "ratio": args.ratio, "first_run": first,
+        "second_run_other_ratio": {**second, "ratio": args.second_ratio},
+        "analysis": analysis,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    return 0
+
+
+def table(r: dict) -> str:
+    f, s, a = r["first_run"], r["second_run_other_ratio"], r["analysis"]
+    rows = ["| run | wall (s) | " + " | ".join(f["stages_s"]) + " | peak RSS (MB) |",
+            "|---|---|" + "---|" * len(f["stages_s"]) + "---|"]
+    for name, run in ((f"ratio {r['ratio']}, empty cache", f),
+                      (f"ratio {s['ratio']}, cached", s)):
+        rows.append(f"| {name} | {run['wall_s']:.1f} | " +
+                    " | ".join(f"{run['stages_s'].get(k, 0):.1f}" for k in f["stages_s"]) +
+                    f" | {run['peak_rss_mb']:.0f} |")
+    rows.append("")
+    rows.append(f"removal analysis ({a['variants']} variants, {a['windows']}×{a['seq_len']} "
+                f"tokens): cached {a['cached_s']:.1f} s, naive {a['naive_s']:.1f} s, "
+                f"ratio {a['ratio']:.2f}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

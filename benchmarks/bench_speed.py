@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Inference speed of the demo model against its pruned versions, in one process.
+
+Prunes the demo model at each ratio (default 0.2 and 0.5, H-GSP defaults, calibration on the
+C4 sample; importances are computed once and cached), then measures the base and every pruned
+model with :func:`hgsp.efficiency.efficiency`: prefill latency and decode tokens/s at batch 1
+and 8, MACs per token, parameters, peak memory. Optional ``--round_to`` variants measure
+kernel-friendly widths.
+
+    python benchmarks/bench_speed.py [--ratios 0.2,0.5] [--round_to 0,8] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def prune_variants(model: str, ratios, round_tos, workdir: Path) -> dict:
+    """Result folders by label, e.g. ``{"hgsp 50%": Path}``."""
+    import dataclasses
+
+    from hgsp.config import PruneConfig
+    from hgsp.pipeline import prune
+
+    base_cfg = PruneConfig(base_model=model, output_name="x", dataset="c4",
+                           results_dir=str(workdir), log_level="WARNING")
+    folders = {}
+    for ratio in ratios:
+        for round_to in round_tos:
+            extra = {"round_to": round_to} if round_to else {}
+            label = f"{ratio:.0%}" + (f" round_to {round_to}" if round_to else "")
+            name = f"r{ratio}_k{round_to}"
+            prune(dataclasses.replace(base_cfg, pruning_ratio=ratio, output_name=name, **extra))
+            folders[label] = workdir / name / "models"
+    return folders
+
+
+def measure(model_path: str, folders: dict, batch_sizes, repeats: int) -> dict:
+    from hgsp.efficiency import efficiency, ratios
+    from hgsp.modelio import load_model
+
+    out = {}
+    base = load_model(model_path).model
+    out["base"] = efficiency(base, model_path, batch_sizes=batch_sizes, repeats=repeats)
+    del base
+    gc.collect()
+    for label, folder in folders.items():
+        model = load_model(str(folder)).model
+        res = efficiency(model, str(folder), batch_sizes=batch_sizes, repeats=repeats)
+        res["ratios"] = ratios(res, out["base"])
+        out[label] = res
+        del model
+        gc.collect()
+    return out
+
+
+def table(results: dict) -> str:
+    lines = ["| model | params (M) | MACs/token (M) | prefill b1 (ms) | decode b1 (tok/s) | "
+             "decode b8 (tok/s) | decode b1 speed-up |", "|---|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        sp = r["speed"]
+        speedup = r.get("ratios", {}).get("batch1_decode_speedup", 1.0)
+        lines.append(f"| {label} | {r['parameters']['total'] / 1e6:.1f} | "
+                     f"{r['macs_per_token']['total'] / 1e6:.1f} | "
+                     f"{1000 * sp['batch1']['prefill_latency_s']:.1f} | "
+                     f"{sp['batch1']['decode_tokens_per_s']:.1f} | "
+                     f"{sp['batch8']['decode_tokens_per_s']:.1f} | {speedup:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    import torch
+
+    from hgsp.assets import asset_paths
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(asset_paths()["model"]))
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--round_to", default="0", help="comma list; 0 = no rounding")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    round_tos = [int(k) for k in args.round_to.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = prune_variants(args.model, ratios, round_tos, Path(tmp))
+        results = measure(args.model, folders, (1, 8), args.repeats)
+    report = {"model": args.model, "results": results,
+              "settings": {"prompt_len": 128, "new_tokens": 32, "batch_sizes": [1, 8],
+                           "repeats": args.repeats, "dtype": "float32"},
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
