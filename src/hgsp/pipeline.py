@@ -96,7 +96,7 @@ def score_and_select(importance, adapter: Adapter, analysis: RemovalAnalysis | N
                                           for k in ("layer", "attn", "mlp")}
     info = hgsp_scores(table, cfg.temperature, tau=cfg.tau, **deltas)
     fixed = FixedCosts(adapter.attn_fixed_cost(), adapter.mlp_fixed_cost())
-    selection = select(table, budget, fixed, cfg.epsilon)
+    selection = select(table, budget, fixed, cfg.epsilon, cfg.round_to)
     return table, info, selection
 
 
@@ -117,14 +117,18 @@ def _run_log(path: Path, level: str):
         handler.close()
 
 
-def _refuse_unavailable(cfg: PruneConfig) -> None:
-    if cfg.finetune:
-        raise UserError("--finetune is not available in this version of hgsp yet: run without "
-                        "it")
+def _refuse_unavailable(cfg: PruneConfig):
+    """Fail before pruning if a later stage cannot run; returns the fine-tuning data (or None)."""
+    ft_data = None
+    if cfg.finetune:  # a missing or malformed data file, or too few records, stops us here
+        from .finetune import FinetuneSettings, prepare
+
+        ft_data = prepare(FinetuneSettings.from_flags(cfg))
     if cfg.evaluations:
         from .evaluate import check_request
 
         check_request(cfg)
+    return ft_data
 
 
 def prune(cfg: PruneConfig) -> PruneResult:
@@ -136,7 +140,7 @@ def prune(cfg: PruneConfig) -> PruneResult:
     cfg.validate()
     results = ResultsDir(cfg.results_dir, cfg.output_name, cfg.overwrite)
     results.check()
-    _refuse_unavailable(cfg)
+    ft_data = _refuse_unavailable(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     timer = StageTimer()
@@ -176,7 +180,10 @@ def prune(cfg: PruneConfig) -> PruneResult:
             pruned = apply_plan(model, adapter, plan)
         pruned_total = count_params(pruned)
         with timer("save"):
-            save_pruned_model(pruned, tokenizer, results.path("models"), cfg.save_bin)
+            # With --finetune, models/ gets the fine-tuned model and this one moves aside.
+            pruned_dir = results.path("models", *(["pruned_before_finetune"] if cfg.finetune
+                                                  else []))
+            save_pruned_model(pruned, tokenizer, pruned_dir, cfg.save_bin)
             analysis_dir = results.path("analysis")
             write_removal_analysis(analysis_dir, analysis, info,
                                    cal.analysis_windows if cal is not None else None)
@@ -188,15 +195,29 @@ def prune(cfg: PruneConfig) -> PruneResult:
         summary = _summary(cfg, loaded.kind, total, decoder, pruned_total,
                            decoder_params(pruned, adapter), budget, selection, info, analysis,
                            rows, timer, cal)
+        finetuned = None
+        if cfg.finetune:
+            from .finetune import FinetuneSettings, finetune_stage, parked_on_cpu
+
+            # The base model waits on the CPU (GPU memory goes to training), and the pruned
+            # model is copied only when the evaluation compares before and after.
+            with timer("finetune"), parked_on_cpu(model, device != "cpu" and not cfg.device_map):
+                finetuned, before, summary["finetune"] = finetune_stage(
+                    FinetuneSettings.from_flags(cfg), ft_data, pruned, tokenizer, results,
+                    cfg.save_bin, keep_before=bool(cfg.evaluations))
+            pruned = before if before is not None else pruned
         if cfg.evaluations:
             from .evaluate import evaluate_run
             with timer("evaluation"):
                 summary["evaluation"] = evaluate_run(cfg, model, pruned, tokenizer, results,
-                                                     device)
+                                                     device, finetuned=finetuned)
         summary["timings_s"] = timer.seconds
         write_json(results.path("summary.json"), summary)
         write_json(results.path("logs", "config.json"), _resolved_config(cfg, device, dtype))
         _log_summary(summary)
+        # Pictures and report.md/html; a failure there is only a warning (`hgsp report` redoes it).
+        from .report import try_write_report
+        try_write_report(results.tmp, results.final)
     return PruneResult(results.final, summary, plan)
 
 

@@ -1,0 +1,147 @@
+"""Perplexity, efficiency and the `hgsp eval` command on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hgsp.adapters import adapter_for
+from hgsp.cli import main
+from hgsp.efficiency import efficiency, macs_per_token, parameter_counts, ratios
+from hgsp.evaluate import compare, parse_settings
+from hgsp.perplexity import perplexity, perplexity_of_ids
+from hgsp.plan import uniform_plan
+from hgsp.surgery import apply_plan
+
+from conftest import tiny_model, tiny_tokenizer
+
+
+def test_perplexity_is_exp_mean_cross_entropy(arch):
+    model = tiny_model(arch)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 96, (3 * 8 + 5,))  # 3 full windows of 8 and a dropped tail of 5
+    result = perplexity_of_ids(model, ids, seq_len=8, batch_tokens=16)  # batches of 2, then 1
+    windows = ids[:24].view(3, 8)
+    with torch.no_grad():
+        logits = model(windows).logits
+    # Hand computation: mean next-token cross-entropy over all 3 x 7 predictions.
+    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    nll = -log_probs.gather(-1, windows[:, 1:, None]).sum().item()
+    assert result["windows"] == 3 and result["available_windows"] == 3
+    assert result["predicted_tokens"] == 3 * 7
+    assert result["ppl"] == pytest.approx(math.exp(nll / 21), rel=1e-5)
+    assert result["capped"] is False and result["seq_len"] == 8
+
+
+def test_capped_perplexity_records_the_cap():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (80,))
+    capped = perplexity_of_ids(model, ids, seq_len=10, max_windows=3)
+    first3 = perplexity_of_ids(model, ids[:30], seq_len=10)
+    assert capped["windows"] == 3 and capped["available_windows"] == 8
+    assert capped["capped"] is True and capped["max_windows"] == 3
+    assert capped["ppl"] == pytest.approx(first3["ppl"], rel=1e-6)
+
+
+def test_perplexity_reads_local_splits(data_dir):
+    tok = tiny_tokenizer()
+    model = tiny_model("llama")
+    result = perplexity(model, tok, "wikitext2", 16, data_dir=str(data_dir))
+    assert result["split"] == "test" and str(data_dir) in result["source"]
+    c4 = perplexity(model, tok, "c4", 16, max_windows=2, data_dir=str(data_dir))
+    assert c4["split"] == "validation" and "documents 200-end" in c4["source"]
+
+
+def _pruned_with_removed_layer(model):
+    plan = uniform_plan("llama", 4, 2, 24)
+    plan.layers[1].kept_kv_heads, plan.layers[1].kept_channels = [], []
+    plan.layers[2].kept_channels = list(range(10))
+    plan.layers[3].kept_kv_heads = [1]
+    return apply_plan(model, adapter_for(model.config), plan)
+
+
+def test_efficiency_figures_and_fewer_macs():
+    base = tiny_model("llama")
+    pruned = _pruned_with_removed_layer(base)
+    kwargs = dict(prompt_len=8, new_tokens=4, batch_sizes=(1, 2), repeats=1)
+    eb, ep = efficiency(base, **kwargs), efficiency(pruned, **kwargs)
+    for e in (eb, ep):
+        assert e["parameters"]["total"] > e["parameters"]["non_embedding"] > 0
+        assert e["weight_bytes"] > 0 and e["peak_memory"]["peak_bytes"] > 0
+        for batch in ("batch1", "batch2"):
+            assert e["speed"][batch]["prefill_latency_s"] > 0
+            assert e["speed"][batch]["decode_tokens_per_s"] > 0
+    assert ep["macs_per_token"]["linear"] < eb["macs_per_token"]["linear"]
+    assert ep["macs_per_token"]["attention"] < eb["macs_per_token"]["attention"]
+    r = ratios(ep, eb)
+    assert 0 < r["parameters"] < 1 and 0 < r["macs_per_token"] < 1
+
+
+def test_macs_count_every_linear_once():
+    model = tiny_model("llama")
+    linear = sum(m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, torch.nn.Linear))
+    macs = macs_per_token(model, context=10)
+    # 4 layers x 2 (QK^T and AV) x 4 heads x head_dim 8 x 10 positions
+    assert macs["linear"] == linear and macs["attention"] == 4 * 2 * 32 * 10
+    counts = parameter_counts(model)
+    assert counts["total"] - counts["non_embedding"] == 2 * 96 * 32  # untied embed + lm_head
+
+
+def test_compare_gives_ratios():
+    pruned = {"ppl": {"wikitext2": {"128": {"ppl": 30.0}}}, "zeroshot": {"mean_acc": 0.5}}
+    base = {"ppl": {"wikitext2": {"128": {"ppl": 20.0}}}, "zeroshot": {"mean_acc": 0.6}}
+    out = compare(pruned, base)
+    assert out["ppl"]["wikitext2"]["128"] == pytest.approx(1.5)
+    assert out["zeroshot_mean_acc_difference"] == pytest.approx(-0.1)
+
+
+@pytest.mark.parametrize("kinds,datasets,lens,message", [
+    ("speed", "wikitext2", "128", "unknown evaluation 'speed'"),
+    ("ppl", "imagenet", "128", "unknown perplexity dataset 'imagenet'"),
+    ("ppl", "wikitext2", "12x", "must be integers"),
+])
+def test_settings_errors(kinds, datasets, lens, message):
+    from hgsp.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        parse_settings(kinds, datasets, lens, "default")
+
+
+def test_hgsp_eval_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(tiny_model_dir), "--base_model", str(tiny_model_dir),
+                 "--run", "ppl", "--eval_ppl_datasets", "wikitext2,c4", "--eval_ppl_seq_len",
+                 "8,16", "--eval_ppl_max_windows", "4", "--data_dir", str(data_dir),
+                 "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "hgsp-evaluation-v1"
+    assert set(doc["models"]) == {"base", "pruned"}
+    assert set(doc["models"]["base"]["ppl"]["wikitext2"]) == {"8", "16"}
+    assert doc["models"]["base"]["ppl"]["c4"]["8"]["windows"] == 4
+    # the same model on both sides: every ratio is exactly 1
+    assert doc["ratios"]["ppl"]["wikitext2"]["16"] == pytest.approx(1.0)
+    assert doc["versions"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
+    (["--eval_ppl_datasets", "imagenet"], "unknown perplexity dataset 'imagenet'"),
+    (["--eval_ppl_datasets", "ptb", "--data_dir", "/nonexistent"], "ptb/test is not in the local"),
+    (["--run", "zeroshot", "--eval_zeroshot_tasks", "no_such_task"], "no_such_task"),
+])
+def test_hgsp_eval_bad_input(args, message, tiny_model_dir, data_dir, tmp_path, capsys,
+                             monkeypatch):
+    monkeypatch.setenv("HGSP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HGSP_DATA_DIR", "")
+    base = ["eval", "--model", str(tiny_model_dir), "--output", str(tmp_path / "e.json"),
+            "--data_dir", str(data_dir)]  # a later --data_dir in args wins
+    code = main(base + args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "e.json").exists()
