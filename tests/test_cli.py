@@ -206,3 +206,25 @@ def test_run_global_pruning_script(tiny_model_dir, data_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "models")
     out = model.generate(tok_ids, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 8)
+
+
+def test_replay_from_saved_config(finished_run, tmp_path, capsys):
+    """`hgsp prune --config results/x/logs/config.json` redoes the run: same plan."""
+    config = finished_run / "logs" / "config.json"
+    code = main(["prune", "--config", str(config), "--results_dir", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    replayed = (tmp_path / "run" / "analysis" / "pruning_plan.json").read_bytes()
+    assert replayed == (finished_run / "analysis" / "pruning_plan.json").read_bytes()
+
+
+def test_replay_bad_config(tmp_path, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_text('{"something": 1}')
+    assert main(["prune", "--config", str(bad)]) == 2
+    assert "holds no hgsp arguments" in capsys.readouterr().err
+    assert main(["prune", "--config", str(tmp_path / "missing.json")]) == 2
+
+
+def test_missing_required_flag(capsys):
+    assert main(["prune", "--output_name", "x"]) == 2
+    assert "--base_model is required" in capsys.readouterr().err

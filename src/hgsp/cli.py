@@ -47,9 +47,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls=PruneConfig
             continue
         kind = meta.get("cli_type", kind)
         default = None if meta.get("required") else f.default
-        shown = "" if meta.get("required") else f" (default: {default})"
-        parser.add_argument(flag, type=kind, default=default, required=bool(meta.get("required")),
-                            metavar=f.name.upper(), help=meta["help"] + shown)
+        # Required fields are checked by PruneConfig.validate(), so --config can supply them.
+        shown = " (required)" if meta.get("required") else f" (default: {default})"
+        parser.add_argument(flag, type=kind, default=default, metavar=f.name.upper(),
+                            help=meta["help"] + shown)
 
 
 def config_from_args(args: argparse.Namespace, config_cls=PruneConfig):
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="prune a model with H-GSP (same flags as "
                            "run_global_pruning.py)")
     add_config_arguments(prune)
+    prune.add_argument("--config", metavar="FILE", help="replay a run: take every argument from "
+                       "a saved RESULTS/NAME/logs/config.json; flags given here override it")
+    parser.prune_parser = prune
     ev = sub.add_parser("eval", help="evaluate a model (base, pruned folder or "
                         "pruned_model.bin), optionally side by side with its base")
     ev.add_argument("--model", required=True, help="model to evaluate (folder, hub id, .gguf, "
@@ -234,8 +238,37 @@ def _report_or_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """With ``prune --config FILE``, the file's arguments become the defaults of the flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv[1:])
+    if not known.config:
+        return
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(known.config).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read --config '{known.config}': {exc}") from None
+    arguments = data.get("arguments", data) if isinstance(data, dict) else None
+    names = {f.name for f in dataclasses.fields(PruneConfig)}
+    if not isinstance(arguments, dict) or not names & set(arguments):
+        raise UserError(f"--config '{known.config}' holds no hgsp arguments (expected a "
+                        "logs/config.json written by a run)")
+    parser.prune_parser.set_defaults(**{k: v for k, v in arguments.items() if k in names})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["prune"]:
+            _replay_defaults(parser, argv)
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     args = parser.parse_args(argv)
     try:
         return _run(args)
