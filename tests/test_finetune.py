@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from conftest import synthetic_documents, tiny_model, write_data_dir
 from hgsp.adapters import adapter_for
 from hgsp.alpaca import (IGNORE_INDEX, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, InstructionSet,
-                         build_prompt, collate, encode, encode_all, load_instructions, select_examples)
+                         build_prompt, collate, encode, encode_all, load_instructions,
+                         select_examples)
 from hgsp.cli import main
 from hgsp.errors import UserError
 from hgsp.finetune import (FinetuneSettings, existing_targets, finetune, response_loss,

@@ -203,8 +203,18 @@ def finetune(model: nn.Module, tokenizer, settings: FinetuneSettings,
     LoRA adapters are merged into the weights at the end, so the returned model has the
     same classes, shapes and config as the input.
 
+    Args:
+        model: a base or pruned causal LM, on the device to train on.
+        tokenizer: its tokenizer (fast tokenizers give exact prompt/response boundaries).
+        settings: method, optimisation and LoRA settings.
+        data: training and validation records from :func:`prepare`.
+
     Returns:
         The fine-tuned model, the LoRA adapter (None for full fine-tuning) and the log.
+
+    Raises:
+        UserError: no example keeps a response token within the cutoff length, or no LoRA
+            target projection is left in the model.
     """
     from transformers import set_seed
 
