@@ -122,3 +122,18 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return write_data_dir(tmp_path_factory.mktemp("data"))
+
+
+def make_plan(arch: str, drops, n_layers: int = 4, n_kv: int = 2, channels: int = 24):
+    """Identity plan of a tiny model minus, per layer, the listed KV heads and MLP channels.
+
+    ``drops`` maps a layer index to ``(heads, channels)`` to remove from it.
+    """
+    from hgsp.plan import uniform_plan
+
+    plan = uniform_plan(arch, n_layers, n_kv, channels)
+    for layer, (heads, chans) in drops.items():
+        lp = plan.layers[layer]
+        lp.kept_kv_heads = [g for g in lp.kept_kv_heads if g not in heads]
+        lp.kept_channels = [j for j in lp.kept_channels if j not in chans]
+    return plan

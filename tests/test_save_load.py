@@ -19,12 +19,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, make_plan, tiny_model
 from hgsp.adapters import adapter_for
 from hgsp.errors import UserError
 from hgsp.modeling_hgsp import PRUNED_CLASSES
 from hgsp.modelio import PRUNED_BIN, PRUNED_BIN_FORMAT, load_model
-from hgsp.plan import PruningPlan, uniform_plan
+from hgsp.plan import PruningPlan
 from hgsp.save import MODELING_FILE, save_pruned_model
 from hgsp.surgery import apply_plan
 
@@ -40,15 +40,6 @@ PLANS = {
     "layers-only": {1: (ALL_HEADS, ALL_CHANNELS), 2: (ALL_HEADS, ALL_CHANNELS)},
 }
 INPUT_IDS = [[5, 17, 42, 8, 91, 3, 60, 33, 12, 77], [9, 9, 50, 64, 4, 88, 21, 30, 46, 15]]
-
-
-def make_plan(arch: str, drops) -> PruningPlan:
-    plan = uniform_plan(arch, N_LAYERS, N_KV, CHANNELS)
-    for layer, (heads, channels) in drops.items():
-        lp = plan.layers[layer]
-        lp.kept_kv_heads = [g for g in lp.kept_kv_heads if g not in heads]
-        lp.kept_channels = [j for j in lp.kept_channels if j not in channels]
-    return plan
 
 
 def prune(base, plan):

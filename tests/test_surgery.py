@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from conftest import tiny_model
+from conftest import make_plan, tiny_model
 from hgsp.adapters import adapter_for
 from hgsp.modeling_hgsp import PRUNED_CLASSES, ZeroAttention, ZeroMLP
 from hgsp.plan import PruningPlan, uniform_plan
@@ -25,16 +25,6 @@ ATOL = 1e-5
 
 
 # --------------------------------------------------------------------------- helpers
-
-def make_plan(arch: str, drops: dict[int, tuple[list[int], list[int]]]) -> PruningPlan:
-    """Identity plan minus, per layer, the listed KV heads and MLP channels."""
-    plan = uniform_plan(arch, N_LAYERS, N_KV, CHANNELS)
-    for layer, (heads, channels) in drops.items():
-        lp = plan.layers[layer]
-        lp.kept_kv_heads = [g for g in lp.kept_kv_heads if g not in heads]
-        lp.kept_channels = [j for j in lp.kept_channels if j not in channels]
-    return plan
-
 
 ALL_HEADS = list(range(N_KV))
 ALL_CHANNELS = list(range(CHANNELS))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .data import hub_offline
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def validate_records(records: list, origin: str) -> list[dict]:
 
 
 def _from_hub(dataset_id: str, hint: str = "") -> InstructionSet:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    if hub_offline():
         raise UserError(f"fine-tuning data '{dataset_id}' is not a local file and the Hub is "
                         f"offline{hint}")
     try:

@@ -114,10 +114,16 @@ _C4_HUB_FILES = {
 }
 
 
+def hub_offline() -> bool:
+    """True when the user has switched the Hugging Face Hub off (``HF_HUB_OFFLINE`` and co)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def _load_from_hub(name: str, split: str, data_dir: str | None) -> Corpus:
     looked = ", ".join(str(d) for d in data_dirs(data_dir))
     hint = _offline_hint(name, split)
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    if hub_offline():
         raise UserError(f"dataset {name}/{split} is not in the local data directories "
                         f"({looked}) and the Hub is offline{hint}")
     try:
@@ -140,8 +146,8 @@ def _load_from_hub(name: str, split: str, data_dir: str | None) -> Corpus:
 
 def _offline_hint(name: str, split: str) -> str:
     if split == "train" and name in ("wikitext2", "ptb"):
-        return (f"; its test split must not be used for calibration (it is the evaluation "
-                f"text): use --dataset c4 after `hgsp fetch-assets`")
+        return ("; its test split must not be used for calibration (it is the evaluation "
+                "text): use --dataset c4 after `hgsp fetch-assets`")
     if name == "c4":
         return "; run `hgsp fetch-assets` to get the C4 sample"
     return ""

@@ -30,7 +30,7 @@ from .outputs import layer_summary, write_group_tables, write_layer_summary, \
 from .plan import PruningPlan, plan_from_selection
 from .save import ResultsDir, save_pruned_model, write_json
 from .scoring import GroupTable, ScoreInfo, hgsp_scores, layout
-from .selection import FixedCosts, Selection, prunable_params, select
+from .selection import FixedCosts, Selection, select
 from .surgery import apply_plan
 
 log = logging.getLogger(__name__)

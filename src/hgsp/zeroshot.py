@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data import hub_offline
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -148,11 +149,6 @@ def default_data_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
     return [d / "zeroshot" for d in data_dirs(data_dir)]
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _roots(data_root) -> list[Path]:
     """``data_root`` as a list: one root, several (searched in order), or the defaults."""
     if data_root is None:
@@ -195,7 +191,7 @@ def check_task_data(tasks: list[str], data_root=None) -> dict[str, str]:
     found = {}
     for name in tasks:
         path = find_local(name, data_root)
-        if path is None and _hub_offline():
+        if path is None and hub_offline():
             raise _missing(name, data_root)
         found[name] = str(path) if path is not None else "hub"
     return found
@@ -410,7 +406,7 @@ def build_tasks(names: list[str], limit: int | None = None,
             dataset = load_local_split(name, data_root, limit)
             config.update(_local_overrides(name, dataset))
             data[name] = describe_local(name, path, len(dataset))
-        elif _hub_offline():
+        elif hub_offline():
             raise _missing(name, data_root)
         else:
             config["num_fewshot"] = 0
