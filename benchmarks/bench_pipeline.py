@@ -80,13 +80,13 @@ def naive_analysis(model, windows, batch_size: int) -> list[float]:
     """3L+1 full forwards: the base, each layer skipped, each block zeroed."""
     import torch
 
-    from hgsp.analysis import _removed, _summed_nll
+    from hgsp.analysis import _removed, summed_nll
 
     def nll():
         total = 0.0
         with torch.no_grad():
             for ids in torch.split(windows, batch_size):
-                total += _summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
+                total += summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
         return total
 
     out = [nll()]

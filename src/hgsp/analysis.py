@@ -73,7 +73,8 @@ def _only_layers_from(model: nn.Module, adapter: Adapter, start: int):
             config.layer_types = saved[1]
 
 
-def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed next-token cross-entropy: position t predicts ``labels[:, t + 1]``."""
     logits = logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
@@ -83,7 +84,7 @@ def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def _nll(model, hidden: torch.Tensor, labels: torch.Tensor) -> float:
     """Summed next-token NLL of ``labels`` when the decoder starts from ``hidden``."""
     out = model.model(inputs_embeds=hidden, use_cache=False)
-    return _summed_nll(model.lm_head(out.last_hidden_state), labels)
+    return summed_nll(model.lm_head(out.last_hidden_state), labels)
 
 
 @torch.no_grad()
@@ -100,7 +101,7 @@ def _layer_inputs(model, adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor]
     finally:
         for h in handles:
             h.remove()
-    return captured, _summed_nll(logits, ids)
+    return captured, summed_nll(logits, ids)
 
 
 @torch.no_grad()

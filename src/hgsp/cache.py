@@ -37,7 +37,8 @@ def cache_key(**inputs) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -61,10 +62,10 @@ def load_importance(key: str) -> Importance | None:
 
 def store_importance(key: str, importance: Importance) -> None:
     path = cache_root() / "importance" / f"{key}.safetensors"
-    _atomic_write(path, lambda p: save_file(
+    atomic_write(path, lambda p: save_file(
         {"attn": importance.attn.contiguous(), "mlp": importance.mlp.contiguous()}, str(p)))
     meta = {"method": importance.method, "tokens": importance.tokens}
-    _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta)))
+    atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta)))
 
 
 def load_analysis(key: str) -> RemovalAnalysis | None:
@@ -77,7 +78,7 @@ def load_analysis(key: str) -> RemovalAnalysis | None:
 
 def store_analysis(key: str, analysis: RemovalAnalysis) -> None:
     path = cache_root() / "analysis" / f"{key}.json"
-    _atomic_write(path, lambda p: p.write_text(json.dumps(asdict(analysis))))
+    atomic_write(path, lambda p: p.write_text(json.dumps(asdict(analysis))))
 
 
 def cached(load, store, key: str | None, compute):

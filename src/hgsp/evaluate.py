@@ -42,6 +42,7 @@ import torch
 
 from . import __version__
 from .errors import UserError
+from .cache import atomic_write
 from .modelio import model_fingerprint
 from .perplexity import EVAL_SPLITS, perplexity
 
@@ -151,10 +152,7 @@ def _cached(settings: EvalSettings, fingerprint: str | None, kind: str, compute)
         log.info("%s of the base model: cached result %s", kind, path)
         return json.loads(path.read_text()), True
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value)))
     return value, False
 
 
@@ -307,10 +305,6 @@ def evaluate_paths(model_spec: str, settings: EvalSettings, base_spec: str | Non
         del loaded
     doc = results_document(models, settings, device)
     if output is not None:
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        tmp.replace(output)
+        atomic_write(Path(output), lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n"))
     log_comparison(doc)
     return doc

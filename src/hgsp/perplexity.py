@@ -15,6 +15,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .analysis import summed_nll
 from .data import Corpus, load_corpus
 from .errors import UserError
 
@@ -49,9 +50,7 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, max_windows: int |
     model.eval()
     for batch in tqdm(torch.split(windows, per_batch), desc=f"perplexity@{seq_len}", leave=False):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        nll += summed_nll(model(input_ids=batch, use_cache=False).logits, batch)
         predicted += batch[:, 1:].numel()
     model.train(was_training)
     return {"ppl": math.exp(nll / predicted), "nll": nll, "predicted_tokens": predicted,
