@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +192,44 @@ def test_failure_midway_leaves_no_partial_results(tiny_model_dir, data_dir, tmp_
     assert code == 130 and "no results were written" in err
     assert marker.read_text() == "earlier result"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+WRITE_FAILURES = [
+    (OSError, errno.ENOSPC, "disk full while writing '{file}': free space or use --results_dir "
+     "on another disk"),
+    (PermissionError, errno.EACCES, "permission denied for '{file}': check its permissions or "
+     "use another --results_dir"),
+]
+
+
+@pytest.mark.parametrize("kind,code,message", WRITE_FAILURES, ids=["ENOSPC", "EACCES"])
+def test_write_failure_keeps_earlier_result(kind, code, message, finished_run, tiny_model_dir,
+                                            data_dir, tmp_path, capsys, monkeypatch):
+    """A full disk (or a refused write) while saving: the earlier result stays byte for byte,
+    the half-written folder goes, and the user reads one line naming the file and the fix."""
+    results = tmp_path / "results"
+    earlier = shutil.copytree(finished_run, results / "run")
+    before = snapshot(earlier)
+
+    def fail_midway(model, path):
+        path.write_bytes(b"PK\x03\x04 half a file")  # the disk fills during the write
+        raise kind(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr("hgsp.save.save_bin", fail_midway)
+    exit_code, err = run_cli(base_args(tiny_model_dir, data_dir, results) + ["--overwrite"],
+                             capsys)
+    assert exit_code == 2, err
+    assert snapshot(earlier) == before
+    assert [p.name for p in results.iterdir()] == ["run"]  # no .run.tmp-* or .run.old-*
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    expected = message.format(file=results / "run" / "models" / "pruned_model.bin")
+    assert lines == [f"error: {expected}"], err
+    assert "Traceback" not in err
 
 
 def test_run_global_pruning_script(tiny_model_dir, data_dir, tmp_path):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .analysis import RemovalAnalysis
+from .errors import naming_path
 from .importance import Importance
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
+        with naming_path(path):  # write() errors carry no file name: give them the entry's
+            write(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

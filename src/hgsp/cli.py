@@ -16,7 +16,7 @@ import typing
 
 from . import __version__
 from .config import PruneConfig
-from .errors import UserError
+from .errors import UserError, write_failure
 
 log = logging.getLogger("hgsp")
 
@@ -274,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except UserError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:  # a full disk or a refused write outside a results folder
+        error = write_failure(exc)
+        if error is None:
+            raise
+        sys.stderr.write(f"error: {error}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: no results were written\n")

@@ -189,11 +189,57 @@ def config_from_dict(config_dict: dict):
     return AutoConfig.for_model(model_type, **config_dict)
 
 
-def model_fingerprint(source: str | None) -> str | None:
-    """Path, sizes and modification times of a model's files: cheap, and changes with them.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")  # pruned_model.bin is a .bin
+MIB = 1 << 20
+SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit
 
-    Hashing the weights themselves would read gigabytes on every run; any rewrite of a file
-    changes its size or time, which is what a cache key needs to notice.
+
+def content_fingerprint(source: str | None) -> str | None:
+    """sha256 of what makes a model: ``config.json`` and, per weight file sorted by name, its
+    name, size and the sha256 of its first and last MiB; None if ``source`` is not on disk.
+
+    Reading every byte of a 140 GB model would take minutes, so the middle of each file is
+    left out. What is read covers a safetensors header whole (every tensor's name, shape,
+    dtype and offset), so a changed architecture, tensor list or file length always shows,
+    as does any edit at either end of a file.
+    """
+    if source is None or not Path(source).expanduser().exists():
+        return None  # a hub id: its revision, not its bytes, identifies it
+    path = Path(source).expanduser()
+    digest = hashlib.sha256()
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file():
+            digest.update(b"config.json\0" + config.read_bytes())
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    else:
+        files = [path]
+    for f in files:
+        digest.update(f"\0{f.name}\0{f.stat().st_size}\0{_ends_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def _ends_sha256(path: Path) -> str:
+    """sha256 of a file's first MiB and of its last MiB (the first extends over a larger
+    safetensors header, so that the header is always hashed whole)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = MIB
+        if path.suffix == ".safetensors" and size >= 8:
+            header = int.from_bytes(f.read(8), "little")
+            head = max(head, 8 + min(header, SAFETENSORS_MAX_HEADER))
+            f.seek(0)
+        first = hashlib.sha256(f.read(head)).hexdigest()
+        f.seek(max(size - MIB, 0))
+        return f"{first}\0{hashlib.sha256(f.read()).hexdigest()}"
+
+
+def model_fingerprint(source: str | None) -> str | None:
+    """The cache key of a model: its path, its files' sizes and modification times, and its
+    :func:`content_fingerprint`.
+
+    The times notice any rewrite by ordinary tools; the content fingerprint also catches an
+    edit whose time was kept (``cp -p``, ``rsync -t``, ``touch -r``), for a few MiB read.
     """
     if source is None:
         return None
@@ -201,6 +247,7 @@ def model_fingerprint(source: str | None) -> str | None:
     if not path.exists():
         return f"hub:{source}"
     files = sorted(path.iterdir()) if path.is_dir() else [path]
-    parts = [str(path.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                                     for f in files if f.is_file()]
+    parts = [str(path.resolve()), content_fingerprint(source)]
+    parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+              for f in files if f.is_file()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, naming_path, write_failure
 from .modelio import PRUNED_BIN, PRUNED_BIN_FORMAT
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ def save_pruned_model(model, tokenizer, folder: Path, write_bin: bool = True) ->
     only transformers installed (with hgsp imported, no flag is needed).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    with naming_path(folder):  # safetensors' own error type, with the errno only in its text
+        model.save_pretrained(folder, safe_serialization=True)
     if getattr(model.config, "auto_map", None):
         shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
     if tokenizer is not None:
@@ -44,7 +46,15 @@ def save_bin(model, path: Path) -> None:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # restored by tie_weights() on load
     blob = {"format": PRUNED_BIN_FORMAT, "config": json.dumps(config), "state_dict": state}
-    torch.save(blob, path)
+    try:
+        torch.save(blob, path)
+    except RuntimeError as exc:
+        # torch's zip writer drops the errno ("file write failed"); a disk without room for
+        # the tensors is the usual cause, and then the message must say so.
+        needed = sum(t.numel() * t.element_size() for t in state.values())
+        if shutil.disk_usage(path.parent).free < needed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
 
 
 def write_json(path: Path, data) -> None:
@@ -98,8 +108,12 @@ class ResultsDir:
 
     def __enter__(self) -> "ResultsDir":
         self.check()
-        for sub in self.SUBDIRS:
-            (self.tmp / sub).mkdir(parents=True)
+        try:
+            for sub in self.SUBDIRS:
+                (self.tmp / sub).mkdir(parents=True)
+        except OSError as exc:  # e.g. no free inodes: __exit__ is not called for this
+            self._discard(exc)
+            raise
         return self
 
     def path(self, *parts: str) -> Path:
@@ -107,12 +121,45 @@ class ResultsDir:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._discard(exc)
             return
+        try:
+            self._publish()
+        except OSError as exc:
+            self._discard(exc)
+            raise
+
+    def _discard(self, exc: BaseException) -> None:
+        """Remove the temporary folder; a full disk or a refused write becomes one line
+        naming the file (other errors propagate unchanged)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        path, ours = self._locate(getattr(exc, "filename", None))
+        # --results_dir is the fix only for files of this folder, not e.g. for the cache
+        error = write_failure(exc, path, "--results_dir" if ours else None)
+        if error is not None:
+            raise error from exc
+
+    def _locate(self, filename) -> tuple[Path, bool]:
+        """The file as named in the final folder (the temporary one is gone by the time the
+        user reads the message), and whether it is in this folder; unknown means it is."""
+        if not filename:
+            return self.final, True
+        path, tmp = Path(filename).absolute(), self.tmp.absolute()
+        if path.is_relative_to(tmp):
+            return self.final / path.relative_to(tmp), True
+        return path, False
+
+    def _publish(self) -> None:
+        """Swap the finished folder in; the earlier result is deleted only once it is."""
         old = None
         if self.final.exists():
             old = self.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
             self.final.rename(old)
-        self.tmp.rename(self.final)
+        try:
+            self.tmp.rename(self.final)
+        except OSError:
+            if old is not None:
+                old.rename(self.final)  # put the earlier result back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
