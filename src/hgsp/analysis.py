@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
+from .importance import input_device
 from .modeling_hgsp import ZeroAttention, ZeroMLP
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def _layer_inputs(model, adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor]
             (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
         for layer in adapter.layers(model)]
     try:
-        dev = model.get_input_embeddings().weight.device
+        dev = input_device(model)
         logits = model(input_ids=ids.to(dev), use_cache=False).logits
     finally:
         for h in handles:

@@ -102,6 +102,15 @@ def _cell(column: str, value) -> str:
     return str(value)
 
 
+def method_label(arguments: dict, summary: dict) -> str:
+    """``hgsp/taylor``, ``flap``...: the method, and for gradient methods the importance."""
+    method = arguments.get("method", "hgsp")
+    if method in ("hgsp", "llm_pruner"):
+        method = f"{method}/{arguments.get('importance_method')}"
+    return method + ("+bc" if summary.get("bias_compensation") and
+                     arguments.get("method") != "flap" else "")
+
+
 def _run_row(run: RunData) -> dict:
     s, a = run.summary, run.arguments
     base, pruned = eval_models(run)
@@ -109,7 +118,7 @@ def _run_row(run: RunData) -> dict:
     speed, base_speed = decode_speed(pruned), decode_speed(base)
     return {
         "run": run.name, "ratio": s["parameters"]["achieved_ratio_total"],
-        "method": a.get("importance_method"), "T": temperature,
+        "method": method_label(a, s), "T": temperature,
         # τ means nothing at T = 0 (no analysis), so leave it empty rather than "None".
         "tau": None if not temperature else s.get("score", {}).get("tau"),
         "epsilon": a.get("epsilon"), "params": s["parameters"]["pruned_total"],
@@ -184,7 +193,8 @@ def quality_points(comparison: Comparison) -> list:
             continue
         is_base = row["run"].startswith("base: ")
         # Runs that differ only in the ratio form one line in the picture.
-        series = "" if is_base else f"{row['method']}, T={row['T']:g}" + \
+        series = "" if is_base else f"{row['method']}" + \
+            (f", T={row['T']:g}" if row["method"].startswith("hgsp") else "") + \
             (" +ft" if row["run"].endswith(" +ft") else "")
         points.append(QualityPoint(row["run"], row["params"], metrics, series, is_base))
     return points

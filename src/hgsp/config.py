@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .data import DATASETS
 from .errors import UserError
-from .salience import METHODS
+from .methods import METHODS
+from .salience import METHODS as IMPORTANCE_METHODS
 
 EVAL_KINDS = ("ppl", "zeroshot", "efficiency")
 
@@ -32,6 +33,9 @@ class PruneConfig:
                                    "tied weights counted once); 0.5 = remove half. A list "
                                    "such as 0.2,0.3,0.5 writes OUTPUT_NAME_r0.2, ... from one "
                                    "scoring pass", cli_type=str)
+    method: str = _f("hgsp", "pruning method: hgsp (global width and depth), or a baseline "
+                             "for comparison: llm_pruner, wanda_sp, flap, shortgpt (see README)",
+                     choices=METHODS)
     temperature: float = _f(1.0, "H-GSP temperature T: score = I/cost * ln(1+Δ)^T; 0 = pure "
                                  "importance (skips the removal analysis), >1 protects sensitive "
                                  "layers more")
@@ -39,10 +43,14 @@ class PruneConfig:
                                  "percentile); layers with Δ_layer < τ are scored as whole layers")
     epsilon: float = _f(0.15, "collapse threshold ε: a layer keeping less than this fraction of "
                               "its parameters is removed whole (0 disables)")
+    bias_compensation: bool = _f(False, "give each pruned o_proj/down_proj a bias holding the "
+                                        "calibration-mean contribution of its removed heads and "
+                                        "channels (as FLAP does; always on for --method flap)",
+                                 negatable=True)
     round_to: int = _f(1, "keep every layer's MLP width a multiple of N (e.g. 8 or 64) so the "
                           "pruned matrices suit fast kernels; 1 = no rounding")
     dataset: str = _f("wikitext2", "calibration corpus (its train split)", choices=DATASETS)
-    importance_method: str = _f("taylor", "group importance", choices=METHODS)
+    importance_method: str = _f("taylor", "group importance", choices=IMPORTANCE_METHODS)
     num_examples: int = _f(32, "calibration windows for the importance")
     seq_len: int = _f(128, "tokens per calibration / analysis window")
     gradient_batch_size: int = _f(4, "windows per forward/backward pass")

@@ -8,6 +8,7 @@ dtype the model runs in.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,15 @@ def layer_linears(model: nn.Module, adapter: Adapter):
             yield index, path, axis, key, layer.get_submodule(path)
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the device of the embedding, or, when accelerate offloads it
+    (a meta tensor between forwards), the device its forward runs on."""
+    embed = model.get_input_embeddings()
+    if embed.weight.device.type == "meta" and hasattr(embed, "_hf_hook"):
+        return torch.device(embed._hf_hook.execution_device)
+    return embed.weight.device
+
+
 def compute_importance(model: nn.Module, adapter: Adapter, method: str,
                        windows: torch.Tensor | None, batch_size: int,
                        gradient_checkpointing: bool = False) -> Importance:
@@ -74,56 +84,158 @@ def _check_finite(loss: torch.Tensor, what: str) -> None:
 
 
 def _gradient_stats(model, adapter, method, windows, batch_size, checkpointing) -> dict:
-    """Summed gradients (and Fisher diagonals for taylor_2nd) of every prunable linear."""
+    """Summed gradients (and Fisher diagonals for taylor_2nd) of every prunable linear.
+
+    Works on a model dispatched by accelerate (``--device_map``): the sums of a linear whose
+    weights live on another GPU stay on that GPU, and those of a linear offloaded to the CPU or
+    disk (its parameters are meta tensors between forwards) are kept on the CPU, fed by the
+    gradients of the weights accelerate materialises for each forward (:class:`_BatchGrads`).
+    """
     linears = list(layer_linears(model, adapter))
-    trainable = [p for *_, lin in linears for p in lin.parameters()]
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    entries = [(index, path, pname, lin) for index, path, *_, lin in linears
+               for pname, _ in lin.named_parameters()]
+    # Flags by module and name: an offloaded parameter object is replaced at every forward.
+    saved_flags = [(module, pname, p.requires_grad) for module in model.modules()
+                   for pname, p in module.named_parameters(recurse=False)]
     for p in model.parameters():
         p.requires_grad_(False)  # no gradients for embeddings and norms: saves their memory
-    for p in trainable:
-        p.requires_grad_(True)
-    grad_sum = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in trainable}
-    fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in trainable} \
+    for *_, lin in linears:
+        lin.requires_grad_(True)
+
+    def zeros(p):
+        return torch.zeros(p.shape, dtype=torch.float32, device="cpu" if p.is_meta else p.device)
+
+    grad_sum = {(i, path, pname): zeros(getattr(lin, pname)) for i, path, pname, lin in entries}
+    fisher = {key: torch.zeros_like(g) for key, g in grad_sum.items()} \
         if method == "taylor_2nd" else None
     was_training = model.training
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # transformers checkpoints only in training mode; these models use no dropout
     n_batches = 0
+    grads = _BatchGrads([lin for *_, lin in linears])
     try:
         total = -(-windows.shape[0] // batch_size)
         for ids, mask, labels in tqdm(batches(windows, batch_size), total=total,
                                       desc=f"importance ({method})", leave=False):
-            dev = model.get_input_embeddings().weight.device
-            loss = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                         labels=labels.to(dev), use_cache=False).loss
+            dev = input_device(model)
+            with grads.recording():
+                loss = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                             labels=labels.to(dev), use_cache=False).loss
             _check_finite(loss, "calibration loss")
             loss.backward()
-            for p in trainable:
-                g = p.grad.float()
+            for index, path, pname, lin in entries:
+                key = (index, path, pname)
+                g = grads.pop(lin, pname).float().to(grad_sum[key].device)
                 if not torch.isfinite(g).all():
                     raise UserError("a calibration gradient is NaN or Inf (numerical overflow): "
                                     "rerun with --dtype float32 or bfloat16")
-                grad_sum[id(p)] += g
+                grad_sum[key] += g
                 if fisher is not None:
-                    fisher[id(p)] += g * g
-                p.grad = None
+                    fisher[key] += g * g
+            grads.clear()
             n_batches += 1
     finally:
+        grads.close()
         if checkpointing:
             model.gradient_checkpointing_disable()
         model.train(was_training)
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
+        for module, pname, flag in saved_flags:
+            getattr(module, pname).requires_grad_(flag)
     stats = {}
-    for index, path, *_, lin in linears:
-        entry = stats.setdefault(index, {})
-        for pname, p in lin.named_parameters():
-            item = {"grad": grad_sum[id(p)]}
-            if fisher is not None:
-                item["fisher"] = fisher[id(p)] / n_batches
-            entry[(path, pname)] = item
+    for index, path, pname, _ in entries:
+        item = {"grad": grad_sum[(index, path, pname)]}
+        if fisher is not None:
+            item["fisher"] = fisher[(index, path, pname)] / n_batches
+        stats.setdefault(index, {})[(path, pname)] = item
     return stats
+
+
+class _BatchGrads:
+    """One batch's gradient of each prunable parameter, offloaded by accelerate or not.
+
+    A resident parameter collects its gradient in ``.grad`` as usual. An offloaded one (an
+    ``AlignDevicesHook`` with ``offload=True``: CPU or disk offload) is a meta tensor except
+    during its module's forward, when accelerate swaps in a materialised copy that keeps the
+    ``requires_grad`` flag; autograd then accumulates into that copy. Wrapping the hook's
+    ``post_forward`` catches the copy just before accelerate puts the meta tensor back, so its
+    gradient can be read after ``backward()``. Only copies made in the forward pass are caught:
+    those made while gradient checkpointing re-runs the forward get no gradient.
+
+    Memory: autograd keeps every copy until the backward pass ends, so offloading does not lower
+    the peak of this pass: the offloaded prunable weights are all materialised on their
+    execution device for a moment, as they would be without offload.
+    """
+
+    def __init__(self, linears):
+        self._offloaded: dict[int, object] = {}
+        self._seen: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self._recording = False
+        for lin in linears:
+            if not any(p.is_meta for p in lin.parameters(recurse=False)):
+                continue
+            hook = getattr(lin, "_hf_hook", None)
+            if not (getattr(hook, "offload", False) and hasattr(hook, "weights_map")):
+                raise UserError("a prunable linear has weights on the meta device without an "
+                                "accelerate offload hook of its own: load the model with "
+                                "--device_map auto (or without --device_map)")
+            hook.post_forward = self._catching(lin, hook.post_forward)
+            self._offloaded[id(lin)] = hook
+
+    def _catching(self, lin, post_forward):
+        def wrapped(module, output):
+            if self._recording:
+                self._seen.setdefault(id(lin), []).append(
+                    dict(module.named_parameters(recurse=False)))
+            return post_forward(module, output)
+        return wrapped
+
+    @contextmanager
+    def recording(self):
+        """Catch the copies made during this block (the forward pass)."""
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def pop(self, lin, pname: str) -> torch.Tensor:
+        """The gradient of ``lin.<pname>`` from the last backward pass (and forget it)."""
+        if id(lin) in self._offloaded:
+            # Dropping each copy once read frees it (and its gradient) as the loop goes on.
+            found = [g for seen in self._seen.get(id(lin), [])
+                     if (g := seen.pop(pname).grad) is not None]
+            grad = sum(found[1:], found[0]) if found else None
+        else:
+            p = getattr(lin, pname)
+            grad, p.grad = p.grad, None
+        if grad is None:
+            raise RuntimeError(f"no gradient reached {pname} of a prunable linear "
+                               f"({type(lin).__name__}) in the calibration pass")
+        return grad
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+    def close(self) -> None:
+        """Unwrap the hooks (their class's ``post_forward`` is used again)."""
+        self.clear()
+        for hook in self._offloaded.values():
+            vars(hook).pop("post_forward", None)
+
+
+@contextmanager
+def onloaded(modules, device=None):
+    """Context in which the weights accelerate offloads (CPU or disk offload: meta tensors
+    between forwards) of ``modules`` are real tensors, on ``device`` or, by default, on the
+    device their forward runs on; other modules are left as they are."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    with ExitStack() as stack:
+        for module in modules:
+            if has_offloaded_params(module):
+                stack.enter_context(align_module_device(module, device))
+        yield
 
 
 @torch.no_grad()
@@ -145,7 +257,7 @@ def _input_norms(model, adapter, windows, batch_size) -> dict:
         total = -(-windows.shape[0] // batch_size)
         for ids, mask, _ in tqdm(batches(windows, batch_size), total=total,
                                  desc="importance (wanda)", leave=False):
-            dev = model.get_input_embeddings().weight.device
+            dev = input_device(model)
             model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
     finally:
         for h in handles:
@@ -168,12 +280,14 @@ def _reduce(model, adapter, method, stats, tokens) -> Importance:
     for index, path, axis, key, lin in tqdm(list(layer_linears(model, adapter)),
                                             desc="group importance", leave=False):
         target = attn if path.startswith("self_attn") else mlp
-        for pname, p in lin.named_parameters():
-            extra = stats.get(index, {}).get((path, pname), {})
-            s = weight_salience(method, p.detach(), **extra)
-            # A bias lies along the output rows even for o/down, whose bias no group owns.
-            if pname == "bias" and axis == "cols":
-                continue
-            reduce = row_groups if axis == "rows" or pname == "bias" else col_groups
-            target[index] += reduce(s, widths[key]).cpu()
+        with onloaded([lin], "cpu"):  # where the sums of offloaded weights are
+            for pname, p in lin.named_parameters():
+                # A bias lies along the output rows even for o/down, whose bias no group owns.
+                if pname == "bias" and axis == "cols":
+                    continue
+                extra = stats.get(index, {}).get((path, pname), {})
+                extra = {k: v.to(p.device) for k, v in extra.items()}
+                s = weight_salience(method, p.detach(), **extra)
+                reduce = row_groups if axis == "rows" or pname == "bias" else col_groups
+                target[index] += reduce(s, widths[key]).cpu()
     return Importance(attn=attn, mlp=mlp, method=method, tokens=tokens)

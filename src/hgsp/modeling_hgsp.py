@@ -8,7 +8,9 @@ shrink each layer right after the base class has built it:
 
 - ``hgsp_num_key_value_heads``: KV heads kept in each layer (0: attention block removed);
 - ``hgsp_intermediate_sizes``: MLP channels kept in each layer (0: MLP block removed);
-- ``hgsp_source_layers``: the index each layer had in the base model (for reports only).
+- ``hgsp_source_layers``: the index each layer had in the base model (for reports only);
+- ``hgsp_out_bias`` (optional): every kept o_proj and down_proj has a bias, which holds the
+  average contribution of the pruned heads and channels (bias compensation, as in FLAP).
 
 Removed whole layers are simply absent (``num_hidden_layers`` counts the kept ones).
 
@@ -77,6 +79,12 @@ def shrink_mlp(mlp: nn.Module, channels: int) -> None:
     mlp.down_proj = _linear_like(mlp.down_proj, channels, mlp.down_proj.out_features)
 
 
+def _with_bias(old: nn.Linear) -> nn.Linear:
+    return old if old.bias is not None else nn.Linear(
+        old.in_features, old.out_features, bias=True, device=old.weight.device,
+        dtype=old.weight.dtype)
+
+
 def shrink_layers(model: nn.Module, config) -> None:
     """Give every decoder layer the sizes listed in ``config``'s ``hgsp_*`` fields."""
     kv_heads = list(config.hgsp_num_key_value_heads)
@@ -106,6 +114,11 @@ def shrink_layers(model: nn.Module, config) -> None:
             layer.post_attention_layernorm = nn.Identity()
         elif width != config.intermediate_size:
             shrink_mlp(layer.mlp, width)
+        if getattr(config, "hgsp_out_bias", False):
+            if n_kv:
+                layer.self_attn.o_proj = _with_bias(layer.self_attn.o_proj)
+            if width:
+                layer.mlp.down_proj = _with_bias(layer.mlp.down_proj)
 
 
 class _HgspMixin:

@@ -17,21 +17,23 @@ import torch
 
 from . import __version__
 from .adapters import Adapter, adapter_for
-from .analysis import RemovalAnalysis, removal_analysis
+from .analysis import removal_analysis
 from .cache import cache_key, cached, load_analysis, load_importance, store_analysis, \
     store_importance, tensor_digest
 from .config import PruneConfig
 from .data import build_calibration_set, load_corpus
 from .errors import UserError
 from .importance import compute_importance
-from .modelio import load_model, model_fingerprint, resolve_dtype
+from .modelio import content_fingerprint, load_model, model_fingerprint, resolve_dtype
 from .outputs import layer_summary, write_group_tables, write_layer_summary, \
     write_removal_analysis
 from .plan import PruningPlan, plan_from_selection
 from .save import ResultsDir, save_pruned_model, write_json
-from .scoring import GroupTable, ScoreInfo, hgsp_scores, layout
-from .selection import FixedCosts, Selection, select
-from .surgery import apply_plan
+from .activations import collect_activation_stats
+from .methods import ACTIVATION_METHODS, IMPORTANCE_METHODS, Measurements, choose
+from .scoring import GroupTable, ScoreInfo
+from .selection import Selection
+from .surgery import apply_plan, compensation_biases
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +89,29 @@ def removal_budget(total: int, decoder: int, ratio: float) -> int:
     return budget
 
 
-def score_and_select(importance, adapter: Adapter, analysis: RemovalAnalysis | None,
-                     cfg: PruneConfig, budget: int) -> tuple[GroupTable, ScoreInfo, Selection]:
-    """Group table, H-GSP scores and the global selection with collapse."""
-    table = layout(importance.attn, importance.mlp, adapter.attn_group_cost(),
-                   adapter.mlp_channel_cost())
-    deltas = {} if analysis is None else {f"delta_{k}": analysis.deltas(k)
-                                          for k in ("layer", "attn", "mlp")}
-    info = hgsp_scores(table, cfg.temperature, tau=cfg.tau, **deltas)
-    fixed = FixedCosts(adapter.attn_fixed_cost(), adapter.mlp_fixed_cost())
-    selection = select(table, budget, fixed, cfg.epsilon, cfg.round_to)
+def uses_compensation(cfg: PruneConfig) -> bool:
+    return cfg.method == "flap" or cfg.bias_compensation
+
+
+def bias_overhead(selection: Selection, adapter: Adapter) -> int:
+    """Parameters that bias compensation adds: a bias per kept block that had none."""
+    hidden = adapter.dims().hidden
+    attn = 0 if adapter.o_bias else sum(not r for r in selection.attn_removed)
+    mlp = 0 if adapter.mlp_bias else sum(not r for r in selection.mlp_removed)
+    return hidden * (attn + mlp)
+
+
+def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig, budget: int,
+                     model=None) -> tuple[GroupTable, ScoreInfo, Selection]:
+    """Group table, scores and selection of ``cfg.method`` for a removal ``budget``.
+
+    With bias compensation the new biases count too: the selection is made again with the
+    budget raised by what the first one's biases add.
+    """
+    table, info, selection = choose(cfg.method, measured, adapter, cfg, budget, model)
+    if uses_compensation(cfg):
+        table, info, selection = choose(cfg.method, measured, adapter, cfg,
+                                        budget + bias_overhead(selection, adapter), model)
     return table, info, selection
 
 
@@ -144,11 +159,12 @@ def prune(cfg: PruneConfig) -> PruneResult:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     timer = StageTimer()
-    needs_data = cfg.importance_method != "magnitude" or cfg.temperature > 0
+    needs_data = (cfg.method != "hgsp" or cfg.importance_method != "magnitude"
+                  or cfg.temperature > 0 or cfg.bias_compensation)
     with results, _run_log(results.path("logs", "run.log"), cfg.log_level):
-        log.info("hgsp %s: pruning %s by %.1f%% (method %s, T=%g, tau=%s, epsilon=%g)",
-                 __version__, cfg.base_model, 100 * cfg.pruning_ratio, cfg.importance_method,
-                 cfg.temperature, cfg.tau, cfg.epsilon)
+        log.info("hgsp %s: pruning %s by %.1f%% (method %s, importance %s, T=%g, tau=%s, "
+                 "epsilon=%g)", __version__, cfg.base_model, 100 * cfg.pruning_ratio, cfg.method,
+                 cfg.importance_method, cfg.temperature, cfg.tau, cfg.epsilon)
         with timer("load"):
             corpus = load_corpus(cfg.dataset, "train", cfg.data_dir) if needs_data else None
             loaded = load_model(cfg.base_model, dtype, device, cfg.device_map)
@@ -159,25 +175,24 @@ def prune(cfg: PruneConfig) -> PruneResult:
         log.info("base model: %s parameters, %s in %d decoder layers; removing %s",
                  f"{total:,}", f"{decoder:,}", len(adapter.layers(model)), f"{budget:,}")
 
-        with timer("calibration"):
-            cal = None
-            if corpus is not None:
-                cal = build_calibration_set(tokenizer, corpus, cfg.num_examples, cfg.seq_len,
-                                            cfg.analysis_samples if cfg.temperature > 0 else 0,
-                                            cfg.seed)
-            importance = _importance_stage(cfg, model, adapter, cal, dtype)
-        with timer("analysis"):
-            analysis = _analysis_stage(cfg, model, adapter, cal, dtype)
+        cal, measured = measure(cfg, model, tokenizer, adapter, corpus, dtype, timer)
+        analysis = measured.analysis
         with timer("selection"):
-            table, info, selection = score_and_select(importance, adapter, analysis, cfg, budget)
+            table, info, selection = score_and_select(measured, adapter, cfg, budget, model)
             d = adapter.dims()
             plan = plan_from_selection(table, selection, adapter.model_type, d.num_kv_heads,
                                        d.intermediate)
-            plan.meta = {"base_model": cfg.base_model, "pruning_ratio": cfg.pruning_ratio,
-                         "temperature": cfg.temperature, "tau": info.tau,
-                         "epsilon": cfg.epsilon, "importance_method": cfg.importance_method}
+            plan.meta = {"base_model": cfg.base_model, "method": cfg.method,
+                         "pruning_ratio": cfg.pruning_ratio, "temperature": cfg.temperature,
+                         "tau": info.tau, "epsilon": cfg.epsilon,
+                         "importance_method": cfg.importance_method,
+                         "bias_compensation": uses_compensation(cfg)}
         with timer("surgery"):
-            pruned = apply_plan(model, adapter, plan)
+            biases = None
+            if uses_compensation(cfg):
+                biases = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
+                                             measured.stats.mean("mlp"))
+            pruned = apply_plan(model, adapter, plan, biases)
         pruned_total = count_params(pruned)
         with timer("save"):
             # With --finetune, models/ gets the fine-tuned model and this one moves aside.
@@ -221,8 +236,39 @@ def prune(cfg: PruneConfig) -> PruneResult:
     return PruneResult(results.final, summary, plan)
 
 
+def measure(cfg: PruneConfig, model, tokenizer, adapter: Adapter, corpus, dtype,
+            timer: StageTimer | None = None):
+    """Calibration windows and everything ``cfg.method`` measures on them (cached where the
+    cache applies); returns ``(calibration set or None, Measurements)``."""
+    timer = timer or StageTimer()
+    with timer("calibration"):
+        cal = None
+        if corpus is not None:
+            cal = build_calibration_set(tokenizer, corpus, cfg.num_examples, cfg.seq_len,
+                                        cfg.analysis_samples if uses_analysis(cfg) else 0,
+                                        cfg.seed)
+        measured = Measurements(importance=_importance_stage(cfg, model, adapter, cal, dtype),
+                                stats=_activation_stage(cfg, model, adapter, cal))
+    with timer("analysis"):
+        measured.analysis = _analysis_stage(cfg, model, adapter, cal, dtype)
+    return cal, measured
+
+
+def uses_analysis(cfg: PruneConfig) -> bool:
+    return cfg.method == "hgsp" and cfg.temperature > 0
+
+
+def _activation_stage(cfg: PruneConfig, model, adapter: Adapter, cal):
+    """Activation statistics, for the methods and options that use them (else None)."""
+    if cfg.method not in ACTIVATION_METHODS and not uses_compensation(cfg):
+        return None
+    return collect_activation_stats(model, adapter, cal.calibration, cfg.gradient_batch_size)
+
+
 def _importance_stage(cfg: PruneConfig, model, adapter: Adapter, cal, dtype):
     """Group importances, from the cache when the model, data and settings match."""
+    if cfg.method not in IMPORTANCE_METHODS:
+        return None
     windows = cal.calibration if cal is not None else None
     key = None
     if cfg.cache:
@@ -239,7 +285,7 @@ def _importance_stage(cfg: PruneConfig, model, adapter: Adapter, cal, dtype):
 
 def _analysis_stage(cfg: PruneConfig, model, adapter: Adapter, cal, dtype):
     """Layer/block removal perplexities (None when T = 0), cached like the importances."""
-    if cfg.temperature == 0:
+    if not uses_analysis(cfg):
         return None
     key = None
     if cfg.cache:
@@ -279,6 +325,8 @@ def _summary(cfg, kind, total, decoder, pruned_total, pruned_decoder, budget, se
             "attn_blocks_removed": [r["layer"] for r in rows if r["attn_removed"]],
             "mlp_blocks_removed": [r["layer"] for r in rows if r["mlp_removed"]],
         },
+        "method": cfg.method,
+        "bias_compensation": uses_compensation(cfg),
         "score": {"temperature": info.temperature, "tau": info.tau, "modes": info.modes,
                   "analysis_base_ppl": None if analysis is None else analysis.base_ppl},
         "calibration": None if cal is None else {
@@ -291,6 +339,7 @@ def _resolved_config(cfg: PruneConfig, device: str, dtype: torch.dtype) -> dict:
     import transformers
 
     return {"arguments": cfg.to_dict(), "resolved": {"device": device, "dtype": str(dtype)},
+            "base_model": {"content_fingerprint": content_fingerprint(cfg.base_model)},
             "versions": {"hgsp": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__,
                          "python": platform.python_version()},

@@ -350,7 +350,8 @@ def fmt_ratio(x) -> str:
 
 # The H-GSP settings of the usage document: shown even at their defaults, so the command
 # still says what was run after a default changes.
-ALWAYS_SHOWN = ("pruning_ratio", "temperature", "epsilon", "dataset", "importance_method")
+ALWAYS_SHOWN = ("method", "pruning_ratio", "temperature", "epsilon", "dataset",
+                "importance_method")
 
 
 def equivalent_command(arguments: dict) -> str:
@@ -399,6 +400,8 @@ def settings_section(run: RunData) -> list:
     rows = [
         ["base model", f"`{s.get('base_model')}` ({s.get('base_model_kind', '?')})"],
         ["target pruning ratio", fmt_pct(s["parameters"]["target_ratio"])],
+        ["method", f"`{a.get('method', 'hgsp')}`" + (" with bias compensation"
+                                                      if s.get("bias_compensation") else "")],
         ["importance method", f"`{a.get('importance_method', '?')}`"],
         ["temperature T", fmt_num(s.get("score", {}).get("temperature"))],
         ["gate threshold τ", _tau_text(run)],

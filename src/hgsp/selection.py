@@ -165,11 +165,18 @@ def _select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float) -
             break
         collapsed |= new  # at least one new layer per pass, so the loop ends
         selected |= new[table.layer]
+    return selection_from_mask(table, fixed, selected, torch.nonzero(collapsed).flatten().tolist())
+
+
+def selection_from_mask(table: GroupTable, fixed: FixedCosts, selected: torch.Tensor,
+                        collapsed_layers: list[int] | None = None) -> Selection:
+    """The :class:`Selection` of the groups ``selected`` marks, with what that removes."""
+    blocks = _Blocks(table, fixed)
     removed_blocks = blocks.removed_blocks(selected).view(-1, 2)
     return Selection(
         selected=selected,
         removed_params=blocks.removed_params(selected),
-        collapsed_layers=torch.nonzero(collapsed).flatten().tolist(),
+        collapsed_layers=collapsed_layers or [],
         attn_removed=removed_blocks[:, ATTN].tolist(),
         mlp_removed=removed_blocks[:, MLP].tolist(),
     )

@@ -18,6 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import registry  # noqa: F401 - pruned configs resolve to hgsp classes
 from .adapters import Adapter
+from .baselines import compensation_bias
+from .importance import input_device, onloaded
 from .modeling_hgsp import PRUNED_CLASSES
 from .plan import LayerPlan, PruningPlan, as_index
 
@@ -43,7 +45,7 @@ def is_uniform(plan: PruningPlan) -> bool:
                and len(lp.kept_channels) == plan.intermediate_size for lp in plan.kept_layers)
 
 
-def pruned_config(base_config, plan: PruningPlan):
+def pruned_config(base_config, plan: PruningPlan, out_bias: bool = False):
     """The config of the pruned model: fewer layers and, if needed, per-layer sizes."""
     data = base_config.to_dict()
     for key in ("_name_or_path", "auto_map", "architectures", "transformers_version"):
@@ -55,13 +57,15 @@ def pruned_config(base_config, plan: PruningPlan):
     if data.get("max_window_layers") is not None:  # Qwen2: layers below it use full attention
         data["max_window_layers"] = sum(lp.index < data["max_window_layers"] for lp in kept)
     model_type = data.pop("model_type")
-    if is_uniform(plan):
+    if is_uniform(plan) and not out_bias:
         config = AutoConfig.for_model(model_type, **data)
     else:
         config_cls, model_cls = PRUNED_CLASSES[model_type]
         data["hgsp_num_key_value_heads"] = [len(lp.kept_kv_heads) for lp in kept]
         data["hgsp_intermediate_sizes"] = [len(lp.kept_channels) for lp in kept]
         data["hgsp_source_layers"] = [lp.index for lp in kept]
+        if out_bias:
+            data["hgsp_out_bias"] = True
         data["auto_map"] = {
             "AutoConfig": f"modeling_hgsp.{config_cls.__name__}",
             "AutoModelForCausalLM": f"modeling_hgsp.{model_cls.__name__}",
@@ -102,29 +106,87 @@ def _slice_layer(prefix: str, tensors: dict[str, torch.Tensor], lp: LayerPlan,
     return {f"{prefix}{name}": t for name, t in out.items()}
 
 
-def sliced_state_dict(model: nn.Module, adapter: Adapter, plan: PruningPlan) -> dict:
-    """The pruned model's state dict, with kept layers renumbered densely."""
+def sliced_state_dict(model: nn.Module, adapter: Adapter, plan: PruningPlan,
+                      out_biases: dict | None = None) -> dict:
+    """The pruned model's state dict, with kept layers renumbered densely.
+
+    ``out_biases`` maps a base layer index to ``{"attn": b, "mlp": b}``: vectors added to the
+    o_proj / down_proj bias of that layer's kept blocks (see :func:`compensation_biases`).
+    """
     d = adapter.dims()
     widths = {"q": d.gqa_ratio * d.head_dim, "kv": d.head_dim, "ch": 1}
-    state = model.state_dict()
-    out = {k: v.clone() for k, v in state.items() if not k.startswith("model.layers.")}
+    # Weights offloaded by accelerate (--device_map) are read back one layer at a time.
+    layers = adapter.layers(model)
+    in_layers = {id(m) for m in layers.modules()}
+    with onloaded(m for m in model.modules() if id(m) not in in_layers):
+        out = {k: v.clone() for k, v in model.state_dict().items()
+               if not k.startswith("model.layers.")}
     for new_index, lp in enumerate(plan.kept_layers):
-        old = f"model.layers.{lp.index}."
-        tensors = {k[len(old):]: v for k, v in state.items() if k.startswith(old)}
-        out.update(_slice_layer(f"model.layers.{new_index}.", tensors, lp, widths))
+        with onloaded(layers[lp.index].modules()):
+            out.update(_slice_layer(f"model.layers.{new_index}.",
+                                    layers[lp.index].state_dict(), lp, widths))
+        if out_biases is not None:
+            _add_out_biases(out, f"model.layers.{new_index}.", lp, out_biases.get(lp.index, {}))
+    return out
+
+
+def _add_out_biases(state: dict, prefix: str, lp: LayerPlan, biases: dict) -> None:
+    """Give each kept block's output projection a bias: its own (if any) plus compensation."""
+    for kind, module, removed in (("attn", "self_attn.o_proj", lp.attn_removed),
+                                  ("mlp", "mlp.down_proj", lp.mlp_removed)):
+        if removed:
+            continue
+        weight = state[f"{prefix}{module}.weight"]
+        name = f"{prefix}{module}.bias"
+        bias = state.get(name, torch.zeros(weight.shape[0], dtype=weight.dtype,
+                                           device=weight.device))
+        extra = biases.get(kind)
+        state[name] = bias if extra is None else bias + extra.to(bias.device, bias.dtype)
+
+
+@torch.no_grad()
+def compensation_biases(model: nn.Module, adapter: Adapter, plan: PruningPlan,
+                        attn_mean: torch.Tensor, mlp_mean: torch.Tensor) -> dict:
+    """Per kept block, the bias that stands in for its removed heads and channels (FLAP).
+
+    Args:
+        attn_mean, mlp_mean: ``(L, features)`` calibration mean of every layer's o_proj and
+            down_proj input.
+    """
+    d = adapter.dims()
+    q_width = d.gqa_ratio * d.head_dim
+    out = {}
+    for lp, layer in zip(plan.layers, adapter.layers(model)):
+        if lp.removed:
+            continue
+        entry = out.setdefault(lp.index, {})
+        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+        with onloaded([o_proj, down_proj]):
+            if not lp.attn_removed and len(lp.kept_kv_heads) < plan.num_kv_heads:
+                entry["attn"] = compensation_bias(o_proj.weight.detach(),
+                                                  attn_mean[lp.index].to(o_proj.weight.device),
+                                                  _rows(lp.kept_kv_heads, q_width))
+            if not lp.mlp_removed and len(lp.kept_channels) < plan.intermediate_size:
+                entry["mlp"] = compensation_bias(down_proj.weight.detach(),
+                                                 mlp_mean[lp.index].to(down_proj.weight.device),
+                                                 as_index(lp.kept_channels))
     return out
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, adapter: Adapter, plan: PruningPlan) -> nn.Module:
-    """A new model that is ``model`` pruned as ``plan`` says; ``model`` is not changed."""
+def apply_plan(model: nn.Module, adapter: Adapter, plan: PruningPlan,
+               out_biases: dict | None = None) -> nn.Module:
+    """A new model that is ``model`` pruned as ``plan`` says; ``model`` is not changed.
+
+    With ``out_biases`` (bias compensation) every kept o_proj/down_proj gets a bias.
+    """
     if plan.num_layers != len(adapter.layers(model)):
         raise ValueError(f"plan is for {plan.num_layers} layers, model has "
                          f"{len(adapter.layers(model))}")
     if not plan.kept_layers:
         raise ValueError("the plan removes every layer")
-    config = pruned_config(model.config, plan)
-    state = sliced_state_dict(model, adapter, plan)
+    config = pruned_config(model.config, plan, out_bias=out_biases is not None)
+    state = sliced_state_dict(model, adapter, plan, out_biases)
     dtype = next(model.parameters()).dtype
     with init_empty_weights(include_buffers=False):
         pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -136,4 +198,4 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: PruningPlan) -> nn.Modu
         raise RuntimeError(f"pruned model has weights that were not filled: {meta[:5]}")
     pruned.generation_config = model.generation_config
     pruned.eval()
-    return pruned.to(next(model.parameters()).device)
+    return pruned.to(input_device(model))

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Quality at equal size: H-GSP, its variants and the baseline methods on one model.
+
+For every ratio and every row of :data:`ROWS`, the model is pruned with the same calibration
+data (``hgsp prune``, importances and analysis from the cache after the first run), the saved
+model is loaded back from its folder and evaluated: WikiText-2 and PTB perplexity at 128 tokens,
+the 4-task zero-shot mean, parameters, and decode speed at batch 1. The base model is evaluated
+once. Writes ``quality.json``, ``quality.md`` (the table) and ``quality_vs_size.png``.
+
+    python benchmarks/bench_quality.py [--ratios 0.2,0.5] [--rows all] \\
+        [--ppl_max_windows N] [--zeroshot_limit 100] [--out_dir benchmarks/results/quality]
+
+Without ``--ppl_max_windows`` the full test sets are used (2,358 + ~900 windows per model on
+the demo model: slow on a CPU). Needs ``hgsp fetch-assets`` and the evaluation text
+(``HGSP_DATA_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+# row name -> (label in the table, PruneConfig overrides)
+ROWS = {
+    "hgsp": ("H-GSP (defaults)", {}),
+    "hgsp_t0": ("H-GSP T=0 (pure Taylor)", {"temperature": 0.0}),
+    "hgsp_tau_inf": ("H-GSP τ=∞ (layer-wise)", {"tau": float("inf")}),
+    "hgsp_tau_0": ("H-GSP τ=0 (block-wise)", {"tau": 0.0}),
+    "llm_pruner": ("LLM-Pruner", {"method": "llm_pruner"}),
+    "wanda_sp": ("Wanda-sp", {"method": "wanda_sp"}),
+    "flap": ("FLAP", {"method": "flap"}),
+    "shortgpt": ("ShortGPT", {"method": "shortgpt"}),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    p.add_argument("--ratios", default="0.2,0.5")
+    p.add_argument("--rows", default="all", help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--dataset", default="c4", help="calibration corpus for every method")
+    p.add_argument("--ppl_max_windows", type=int, default=None)
+    p.add_argument("--zeroshot_limit", type=int, default=100)
+    p.add_argument("--extra", default="{}", help="JSON PruneConfig overrides for every row")
+    p.add_argument("--out_dir", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    p.add_argument("--work_dir", default=None, help="where the pruned models go (default: "
+                                                      "OUT_DIR/runs)")
+    return p.parse_args(argv)
+
+
+def evaluate(model, tokenizer, settings, folder=None) -> dict:
+    from hgsp.evaluate import evaluate_model
+
+    res = evaluate_model(model, tokenizer, settings, folder)
+    eff = res["efficiency"]
+    return {
+        "params": eff["parameters"]["total"],
+        "wikitext2": res["ppl"]["wikitext2"]["128"]["ppl"],
+        "ptb": res["ppl"]["ptb"]["128"]["ppl"],
+        "ppl_windows": {d: res["ppl"][d]["128"]["windows"] for d in ("wikitext2", "ptb")},
+        "zeroshot_mean": res["zeroshot"]["mean_acc"],
+        "zeroshot": {t: r["acc"] for t, r in res["zeroshot"]["tasks"].items()},
+        "decode_tok_s_b1": eff["speed"]["batch1"]["decode_tokens_per_s"],
+    }
+
+
+def prune_row(model_path, name, ratio, args, work_dir):
+    from hgsp.config import PruneConfig
+    from hgsp.pipeline import prune
+
+    label, overrides = ROWS[name]
+    cfg = PruneConfig(base_model=model_path, output_name=f"{name}_r{ratio:g}",
+                      pruning_ratio=ratio, dataset=args.dataset, results_dir=str(work_dir),
+                      overwrite=True, save_bin=False, **{**json.loads(args.extra), **overrides})
+    start = time.perf_counter()
+    result = prune(cfg)
+    return result, time.perf_counter() - start
+
+
+def markdown(rows: list[dict], settings: dict) -> str:
+    head = ("| ratio | method | params | achieved | layers kept | WikiText-2 ↓ | PTB ↓ | "
+            "zero-shot mean ↑ | decode tok/s (b1) |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['ratio']:g} | {r['label']} | {r['params'] / 1e6:.2f} M | "
+                     f"{r.get('achieved', 0):.2%} | {r.get('layers_kept', '')} | "
+                     f"{r['wikitext2']:.2f} | {r['ptb']:.2f} | {r['zeroshot_mean']:.4f} | "
+                     f"{r['decode_tok_s_b1']:.1f} |")
+    windows = rows[0]["ppl_windows"]
+    lines.append("")
+    lines.append(f"Perplexity at 128 tokens on the first {windows['wikitext2']} WikiText-2 and "
+                 f"{windows['ptb']} PTB test windows; zero-shot: mean acc of piqa, hellaswag, "
+                 f"winogrande, arc_easy on the first {settings['zeroshot_limit']} documents each; "
+                 f"calibration: {settings['dataset']}, 32 windows of 128 tokens for every method.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    base = rows[0]
+    for ax, key, title in ((axes[0], "wikitext2", "WikiText-2 perplexity (log)"),
+                           (axes[1], "zeroshot_mean", "zero-shot mean accuracy")):
+        labels = sorted({r["label"] for r in rows[1:]})
+        for label in labels:
+            pts = sorted((r["params"] / 1e6, r[key]) for r in rows[1:] if r["label"] == label)
+            ax.plot(*zip(*pts), marker="o", label=label)
+        ax.scatter([base["params"] / 1e6], [base[key]], marker="*", s=150, color="black",
+                   label="base", zorder=5)
+        ax.set_xlabel("parameters (M)")
+        ax.set_title(title)
+        if key == "wikitext2":
+            ax.set_yscale("log")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from hgsp.assets import asset_paths
+    from hgsp.evaluate import EvalSettings
+    from hgsp.modelio import load_model
+
+    torch.manual_seed(0)
+    model_path = args.model or str(asset_paths()["model"])
+    out_dir = Path(args.out_dir)
+    work_dir = Path(args.work_dir) if args.work_dir else out_dir / "runs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    settings = EvalSettings(kinds=["ppl", "zeroshot", "efficiency"],
+                            ppl_max_windows=args.ppl_max_windows,
+                            zeroshot_tasks=["piqa", "hellaswag", "winogrande", "arc_easy"],
+                            zeroshot_limit=args.zeroshot_limit, batch_sizes=(1,))
+    base = load_model(model_path, torch.float32, "cpu", None)
+    rows = [{"ratio": 0.0, "label": "base", "layers_kept": base.model.config.num_hidden_layers,
+             **evaluate(base.model, base.tokenizer, settings, model_path)}]
+    print(json.dumps(rows[-1]), flush=True)
+    names = list(ROWS) if args.rows == "all" else args.rows.split(",")
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for name in names:
+            result, seconds = prune_row(model_path, name, ratio, args, work_dir)
+            folder = result.results_dir / "models"
+            pruned = load_model(str(folder), torch.float32, "cpu", None)
+            row = {"ratio": ratio, "row": name, "label": ROWS[name][0],
+                   "achieved": result.summary["parameters"]["achieved_ratio_total"],
+                   "layers_kept": result.summary["layers"]["kept"], "prune_s": round(seconds, 1),
+                   **evaluate(pruned.model, pruned.tokenizer, settings, str(folder))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _write(out_dir, rows, args)
+    _write(out_dir, rows, args)
+    print(markdown(rows, vars(args)))
+    return 0
+
+
+def _write(out_dir: Path, rows: list[dict], args) -> None:
+    import torch
+    import transformers
+
+    doc = {"settings": vars(args), "machine": {"platform": platform.platform(),
+                                               "cpus": os.cpu_count(),
+                                               "torch": torch.__version__,
+                                               "transformers": transformers.__version__},
+           "rows": rows}
+    (out_dir / "quality.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / "quality.md").write_text(markdown(rows, vars(args)))
+    plot(rows, out_dir / "quality_vs_size.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

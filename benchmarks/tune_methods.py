@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Quick comparison of methods and H-GSP settings on one model, in one process.
+
+The model is loaded once and measured once (importances and removal analysis from the hgsp
+cache, activation statistics); each variant then costs only its selection, the surgery and a
+perplexity on the first ``--max_windows`` windows of WikiText-2 and PTB test. This is the
+screening tool behind the defaults (see benchmarks/README.md); the full quality benchmark is
+``bench_quality.py``.
+
+    python benchmarks/tune_methods.py --ratios 0.2,0.5 --variants default,t0,bc \\
+        [--model PATH] [--max_windows 300] [--out FILE]
+
+Variants are named rows of :data:`VARIANTS` (PruneConfig overrides), or ``all``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+# name -> PruneConfig overrides (the defaults of hgsp otherwise)
+VARIANTS = {
+    "default": {},
+    "t0": {"temperature": 0.0},
+    "tau_inf": {"tau": float("inf")},
+    "tau_0": {"tau": 0.0},
+    "t0.5": {"temperature": 0.5},
+    "t2": {"temperature": 2.0},
+    "eps0": {"epsilon": 0.0},
+    "eps0.3": {"epsilon": 0.3},
+    "bc": {"bias_compensation": True},
+    "llm_pruner": {"method": "llm_pruner"},
+    "wanda_sp": {"method": "wanda_sp"},
+    "flap": {"method": "flap"},
+    "shortgpt": {"method": "shortgpt"},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    p.add_argument("--ratios", default="0.2,0.5")
+    p.add_argument("--variants", default="all")
+    p.add_argument("--extra", default="{}", help="JSON overrides applied to every variant")
+    p.add_argument("--max_windows", type=int, default=300)
+    p.add_argument("--datasets", default="wikitext2,ptb")
+    p.add_argument("--dataset", default="c4", help="calibration corpus")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from hgsp.adapters import adapter_for
+    from hgsp.assets import asset_paths
+    from hgsp.config import PruneConfig
+    from hgsp.data import load_corpus
+    from hgsp.modelio import load_model
+    from hgsp.perplexity import perplexity
+    from hgsp.pipeline import count_params, decoder_params, measure, removal_budget, \
+        score_and_select, uses_compensation
+    from hgsp.plan import plan_from_selection
+    from hgsp.surgery import apply_plan, compensation_biases
+
+    torch.manual_seed(0)
+    model_path = args.model or str(asset_paths()["model"])
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    extra = json.loads(args.extra)
+    base_cfg = PruneConfig(base_model=model_path, output_name="tune", dataset=args.dataset,
+                           bias_compensation=True, **extra)
+    loaded = load_model(model_path, torch.float32, "cpu", None)
+    model, tok = loaded.model, loaded.tokenizer
+    adapter = adapter_for(model.config)
+    start = time.perf_counter()
+    corpus = load_corpus(args.dataset, "train", base_cfg.data_dir)
+    # One measurement serves every variant: hgsp with compensation needs importances,
+    # analysis and activation statistics, which is everything any method reads.
+    _, measured = measure(base_cfg, model, tok, adapter, corpus, torch.float32)
+    print(f"measured in {time.perf_counter() - start:.1f} s", flush=True)
+    total, decoder = count_params(model), decoder_params(model, adapter)
+    d = adapter.dims()
+
+    def ppl(m):
+        return {ds: round(perplexity(m, tok, ds, 128, args.max_windows)["ppl"], 3)
+                for ds in args.datasets.split(",")}
+
+    rows = [{"variant": "base", "ratio": 0.0, "params": total, **ppl(model)}]
+    print(rows[0], flush=True)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        budget = removal_budget(total, decoder, ratio)
+        for name in names:
+            cfg = dataclasses.replace(base_cfg, bias_compensation=False,
+                                      **{**extra, **VARIANTS[name]})
+            table, info, sel = score_and_select(measured, adapter, cfg, budget, model)
+            plan = plan_from_selection(table, sel, adapter.model_type, d.num_kv_heads,
+                                       d.intermediate)
+            biases = None
+            if uses_compensation(cfg):
+                biases = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
+                                             measured.stats.mean("mlp"))
+            pruned = apply_plan(model, adapter, plan, biases)
+            row = {"variant": name, "ratio": ratio, "params": count_params(pruned),
+                   "layers_kept": len(plan.kept_layers), **ppl(pruned)}
+            rows.append(row)
+            print(row, flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

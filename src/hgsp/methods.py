@@ -1,0 +1,199 @@
+"""Pruning methods: each turns measured statistics into a group table and a selection.
+
+``hgsp`` is the global H-GSP selection (DESIGN.md §5–6); the others are the baselines users
+compare it with, on the same group layout, parameter budget and saved-model format (metrics and
+paper references in :mod:`hgsp.baselines`):
+
+- ``llm_pruner``: the same KV-group and MLP-channel fraction removed in every layer of a range
+  that spares the first and last layers, lowest Taylor importance first;
+- ``wanda_sp``: the same fraction removed in every layer, lowest Wanda-sp score first;
+- ``flap``: globally, lowest standardized fluctuation first, with bias compensation;
+- ``shortgpt``: whole layers, lowest Block Influence first.
+
+The uniform methods remove whole KV groups, so a model with few KV heads can only approach a
+fraction in steps of one group; the MLP takes up the rest so that the total meets the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .activations import ActivationStats
+from .adapters import Adapter
+from .analysis import RemovalAnalysis
+from .baselines import block_influence, flap_scores, fluctuation, wanda_sp_scores
+from .errors import UserError
+from .importance import Importance
+from .scoring import ATTN, MLP, MODE_NONE, GroupTable, ScoreInfo, hgsp_scores, layout
+from .selection import FixedCosts, Selection, select, selection_from_mask
+
+log = logging.getLogger(__name__)
+
+METHODS = ("hgsp", "llm_pruner", "wanda_sp", "flap", "shortgpt")
+#: methods whose decision needs the activation statistics of the calibration windows
+ACTIVATION_METHODS = ("wanda_sp", "flap", "shortgpt")
+#: methods that rank by the gradient importance of ``--importance_method``
+IMPORTANCE_METHODS = ("hgsp", "llm_pruner")
+
+
+@dataclass
+class Measurements:
+    """What the calibration stage measured (each None when the method does not need it)."""
+
+    importance: Importance | None = None
+    analysis: RemovalAnalysis | None = None
+    stats: ActivationStats | None = None
+
+
+def fixed_costs(adapter: Adapter) -> FixedCosts:
+    return FixedCosts(adapter.attn_fixed_cost(), adapter.mlp_fixed_cost())
+
+
+def _no_score_info(n_layers: int) -> ScoreInfo:
+    return ScoreInfo(tau=None, temperature=0.0, modes=[MODE_NONE] * n_layers)
+
+
+def _table(attn: torch.Tensor, mlp: torch.Tensor, adapter: Adapter,
+           per_parameter: bool) -> GroupTable:
+    """Group table whose score is the metric itself, or the metric per parameter."""
+    table = layout(attn, mlp, adapter.attn_group_cost(), adapter.mlp_channel_cost())
+    if not per_parameter:
+        table.score = table.importance.clone()
+    return table
+
+
+def select_hgsp(m: Measurements, adapter: Adapter, cfg, budget: int):
+    table = _table(m.importance.attn, m.importance.mlp, adapter, per_parameter=True)
+    deltas = {} if m.analysis is None else {f"delta_{k}": m.analysis.deltas(k)
+                                            for k in ("layer", "attn", "mlp")}
+    info = hgsp_scores(table, cfg.temperature, tau=cfg.tau, **deltas)
+    return table, info, select(table, budget, fixed_costs(adapter), cfg.epsilon, cfg.round_to)
+
+
+def llm_pruner_range(n_layers: int) -> tuple[int, int]:
+    """LLM-Pruner's default layers 4..30 of LLaMA-7B's 32, scaled to ``n_layers``."""
+    return round(4 * n_layers / 32), n_layers - round(2 * n_layers / 32)
+
+
+def uniform_counts(dims, attn_cost: int, ch_cost: int, n_layers: int, budget: int,
+                   round_to: int) -> tuple[int, int]:
+    """KV groups and MLP channels to remove from each of ``n_layers`` layers.
+
+    The groups follow the overall fraction (whole groups, at least one kept); the channels
+    make up the rest of the budget, rounded so the kept width is a multiple of ``round_to``.
+    """
+    per_layer = dims.num_kv_heads * attn_cost + dims.intermediate * ch_cost
+    fraction = budget / (n_layers * per_layer)
+    if fraction >= 1:
+        raise UserError(f"the budget needs {fraction:.0%} of the {n_layers} layers this method "
+                        "prunes: use a lower --pruning_ratio")
+    heads = min(round(fraction * dims.num_kv_heads), dims.num_kv_heads - 1)
+    while heads > 0 and heads * attn_cost > budget / n_layers:  # rounded up past the budget
+        heads -= 1
+    channels = (budget / n_layers - heads * attn_cost) / ch_cost
+    kept = round((dims.intermediate - channels) / round_to) * round_to
+    kept = min(max(kept, round_to), dims.intermediate)
+    return heads, dims.intermediate - kept
+
+
+def _uniform_mask(table: GroupTable, layers: range, heads: int, channels: int) -> torch.Tensor:
+    """Select, in every layer of ``layers``, the lowest-scoring groups of each kind."""
+    selected = torch.zeros(len(table), dtype=torch.bool)
+    for layer in layers:
+        for kind, count in ((ATTN, heads), (MLP, channels)):
+            rows = torch.nonzero((table.layer == layer) & (table.kind == kind)).flatten()
+            order = torch.sort(table.score[rows], stable=True).indices
+            selected[rows[order[:count]]] = True
+    return selected
+
+
+def select_uniform(attn: torch.Tensor, mlp: torch.Tensor, adapter: Adapter, budget: int,
+                   layers: range, round_to: int):
+    table = _table(attn, mlp, adapter, per_parameter=False)
+    heads, channels = uniform_counts(adapter.dims(), adapter.attn_group_cost(),
+                                     adapter.mlp_channel_cost(), len(layers), budget, round_to)
+    log.info("uniform pruning of layers %d..%d: %d KV groups and %d MLP channels each",
+             layers.start, layers.stop - 1, heads, channels)
+    selection = selection_from_mask(table, fixed_costs(adapter),
+                                    _uniform_mask(table, layers, heads, channels))
+    return table, _no_score_info(attn.shape[0]), selection
+
+
+def select_llm_pruner(m: Measurements, adapter: Adapter, cfg, budget: int):
+    start, stop = llm_pruner_range(m.importance.attn.shape[0])
+    return select_uniform(m.importance.attn, m.importance.mlp, adapter, budget,
+                          range(start, stop), cfg.round_to)
+
+
+def _wanda_sp_metrics(model, adapter: Adapter, stats: ActivationStats):
+    d = adapter.dims()
+    attn, mlp = [], []
+    for i, layer in enumerate(adapter.layers(model)):
+        attn.append(wanda_sp_scores(layer.self_attn.o_proj.weight.detach().cpu(),
+                                    stats.norm("attn")[i], d.gqa_ratio * d.head_dim))
+        mlp.append(wanda_sp_scores(layer.mlp.down_proj.weight.detach().cpu(),
+                                   stats.norm("mlp")[i], 1))
+    return torch.stack(attn), torch.stack(mlp)
+
+
+def select_wanda_sp(m: Measurements, adapter: Adapter, cfg, budget: int, model):
+    attn, mlp = _wanda_sp_metrics(model, adapter, m.stats)
+    return select_uniform(attn, mlp, adapter, budget, range(attn.shape[0]), cfg.round_to)
+
+
+def flap_metrics(model, adapter: Adapter, stats: ActivationStats):
+    d = adapter.dims()
+    layers = adapter.layers(model)
+    attn = torch.stack([fluctuation(stats.variance("attn")[i],
+                                    layer.self_attn.o_proj.weight.detach().cpu())
+                        for i, layer in enumerate(layers)])
+    mlp = torch.stack([fluctuation(stats.variance("mlp")[i],
+                                   layer.mlp.down_proj.weight.detach().cpu())
+                       for i, layer in enumerate(layers)])
+    return flap_scores(attn, mlp, d.gqa_ratio * d.head_dim)
+
+
+def select_flap(m: Measurements, adapter: Adapter, cfg, budget: int, model):
+    attn, mlp = flap_metrics(model, adapter, m.stats)
+    table = _table(attn, mlp, adapter, per_parameter=False)
+    # FLAP ranks the standardized scores of all modules together and counts each unit at its
+    # parameter cost; it never removes a layer as such (epsilon 0).
+    selection = select(table, budget, fixed_costs(adapter), 0.0, cfg.round_to)
+    return table, _no_score_info(attn.shape[0]), selection
+
+
+def shortgpt_layers(bi: torch.Tensor, layer_params: int, budget: int) -> list[int]:
+    """The layers ShortGPT removes: as many lowest-BI layers as come closest to the budget."""
+    n_layers = bi.numel()
+    count = min(max(round(budget / layer_params), 1), n_layers - 1)
+    return sorted(torch.sort(bi, stable=True).indices[:count].tolist())
+
+
+def select_shortgpt(m: Measurements, adapter: Adapter, cfg, budget: int, model):
+    d = adapter.dims()
+    bi = block_influence(m.stats.cosine_sum, m.stats.tokens)
+    table = _table(bi.unsqueeze(1).expand(-1, d.num_kv_heads),
+                   bi.unsqueeze(1).expand(-1, d.intermediate), adapter, per_parameter=False)
+    layer_params = sum(p.numel() for p in adapter.layers(model)[0].parameters())
+    removed = shortgpt_layers(bi, layer_params, budget)
+    log.info("Block Influence per layer: %s; removing layers %s",
+             [round(v, 4) for v in bi.tolist()], removed)
+    mask = torch.isin(table.layer, torch.tensor(removed, dtype=torch.long))
+    return table, _no_score_info(bi.numel()), selection_from_mask(table, fixed_costs(adapter),
+                                                                   mask)
+
+
+def choose(method: str, m: Measurements, adapter: Adapter, cfg, budget: int, model
+           ) -> tuple[GroupTable, ScoreInfo, Selection]:
+    """Group table, scoring info and selection of ``method`` for a removal ``budget``."""
+    if method == "hgsp":
+        return select_hgsp(m, adapter, cfg, budget)
+    if method == "llm_pruner":
+        return select_llm_pruner(m, adapter, cfg, budget)
+    chooser = {"wanda_sp": select_wanda_sp, "flap": select_flap, "shortgpt": select_shortgpt}
+    if method not in chooser:
+        raise UserError(f"unknown --method '{method}': use one of {', '.join(METHODS)}")
+    return chooser[method](m, adapter, cfg, budget, model)

@@ -1,0 +1,207 @@
+"""Baseline methods (LLM-Pruner, Wanda-sp, FLAP, ShortGPT) and bias compensation.
+
+Metrics are checked against numbers computed by hand; each method is then run end to end on
+tiny GQA models of every architecture: the budget is met as closely as its granularity
+allows, and the saved model loads and gives the logits of the in-memory pruned model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import VOCAB, make_plan, tiny_model, tiny_tokenizer, write_tiny_model
+from transformers import AutoModelForCausalLM
+
+from hgsp.activations import collect_activation_stats
+from hgsp.adapters import adapter_for
+from hgsp.baselines import block_influence, compensation_bias, flap_scores, fluctuation, \
+    standardize, token_cosine_sum, wanda_sp_scores
+from hgsp.config import PruneConfig
+from hgsp.methods import llm_pruner_range, shortgpt_layers, uniform_counts
+from hgsp.pipeline import prune
+from hgsp.save import save_pruned_model
+from hgsp.surgery import apply_plan, compensation_biases
+
+FAST = dict(num_examples=4, seq_len=16, gradient_batch_size=2, analysis_samples=2,
+            dataset="c4")
+
+
+# ---- metrics against hand-computed cases -------------------------------------------------
+
+def test_block_influence_hand_case():
+    # token 1: same direction (cos 1); token 2: orthogonal (cos 0); token 3: opposite (cos -1)
+    x_in = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    x_out = torch.tensor([[3.0, 0.0], [0.0, 5.0], [0.0, -1.0]])
+    total = token_cosine_sum(x_in, x_out)
+    assert total.item() == pytest.approx(0.0)
+    assert block_influence(torch.tensor([total, 3.0]), 3).tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_fluctuation_hand_case():
+    # inputs of 2 features over 3 tokens: feature 0 = 1, 2, 3 (var 1); feature 1 = 5, 5, 5
+    x = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
+    weight = torch.tensor([[1.0, 2.0], [2.0, 0.0]])  # column norms^2: 5, 4
+    assert fluctuation(x.var(dim=0), weight).tolist() == pytest.approx([5.0, 0.0])
+
+
+def test_activation_variance_matches_torch(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapter = adapter_for(model.config)
+    windows = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, inp: seen.append(inp[0].reshape(-1, inp[0].shape[-1]).double()))
+    stats = collect_activation_stats(model, adapter, windows, batch_size=2)
+    handle.remove()
+    x = torch.cat(seen)
+    assert stats.tokens == 30
+    assert torch.allclose(stats.variance("mlp")[1], x.var(dim=0))
+    assert torch.allclose(stats.mean("mlp")[1], x.mean(dim=0))
+    assert torch.allclose(stats.norm("mlp")[1], x.norm(dim=0))
+    assert ((stats.cosine_sum > -30) & (stats.cosine_sum < 30)).all()
+
+
+def test_flap_scores_standardize_per_layer_and_average_groups():
+    attn = torch.tensor([[1.0, 1.0, 2.0, 2.0], [0.0, 1.0, 0.0, 3.0]])  # 2 groups of width 2
+    mlp = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    a, m = flap_scores(attn, mlp, group_width=2)
+    sq = attn.double().pow(2)
+    z = (sq - sq.mean(1, keepdim=True)) / sq.std(1, keepdim=True)
+    assert torch.allclose(a, z.view(2, 2, 2).mean(2))
+    # standardizing makes a layer's scale irrelevant: both MLP rows score alike
+    assert torch.allclose(m[0], m[1]) and m[0].tolist() == pytest.approx([-1.0, 0.0, 1.0])
+    z2 = standardize(torch.tensor([[2.0, 4.0]]))
+    assert z2.tolist()[0] == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)])
+
+
+def test_wanda_sp_hand_case():
+    weight = torch.tensor([[1.0, -2.0, 0.0, 4.0], [3.0, 2.0, 2.0, 0.0]])
+    norm = torch.tensor([1.0, 0.5, 2.0, 1.0])
+    # per column: mean |W| * norm = 2*1, 2*0.5, 1*2, 2*1 -> units of width 2: 3, 4
+    assert wanda_sp_scores(weight, norm, 2).tolist() == pytest.approx([3.0, 4.0])
+
+
+def test_compensation_bias_keeps_output_at_the_mean():
+    torch.manual_seed(0)
+    weight, mean = torch.randn(5, 6), torch.randn(6)
+    kept = torch.tensor([0, 2, 5])
+    b = compensation_bias(weight, mean, kept)
+    assert torch.allclose(weight[:, kept] @ mean[kept] + b, weight @ mean, atol=1e-5)
+
+
+# ---- selection rules --------------------------------------------------------------------
+
+def test_llm_pruner_range_scales_with_depth():
+    assert llm_pruner_range(32) == (4, 30)  # the paper's LLaMA-7B setting
+    assert llm_pruner_range(30) == (4, 28)
+    assert llm_pruner_range(80) == (10, 75)
+
+
+def test_uniform_counts_meet_the_budget():
+    class D:
+        num_kv_heads, intermediate = 4, 100
+    attn_cost, ch_cost, n = 50, 3, 10
+    budget = n * 2 * attn_cost + n * 30 * ch_cost  # half the groups, 30 channels
+    assert uniform_counts(D, attn_cost, ch_cost, n, budget, 1) == (2, 30)
+    heads, channels = uniform_counts(D, attn_cost, ch_cost, n, budget, 8)
+    assert (D.intermediate - channels) % 8 == 0 and abs(channels - 30) <= 4
+
+
+def test_shortgpt_removes_lowest_influence_layers_closest_to_budget():
+    bi = torch.tensor([0.9, 0.1, 0.5, 0.05, 0.3])
+    assert shortgpt_layers(bi, layer_params=100, budget=240) == [1, 3]
+    assert shortgpt_layers(bi, layer_params=100, budget=260) == [1, 3, 4]
+    assert shortgpt_layers(bi, layer_params=100, budget=10) == [3]  # at least one layer
+
+
+# ---- end to end on tiny models -----------------------------------------------------------
+
+def _run(model_dir, data_dir, results, method, ratio=0.3, **extra):
+    cfg = PruneConfig(base_model=str(model_dir), output_name=f"{method}", pruning_ratio=ratio,
+                      method=method, data_dir=str(data_dir), results_dir=str(results),
+                      **FAST, **extra)
+    return prune(cfg)
+
+
+@pytest.mark.parametrize("method", ["llm_pruner", "wanda_sp", "flap", "shortgpt"])
+def test_method_meets_budget_and_saved_model_matches(method, arch, data_dir, tmp_path):
+    model_dir = write_tiny_model(tmp_path / "model", arch)
+    result = _run(model_dir, data_dir, tmp_path / "results", method)
+    params = result.summary["parameters"]
+    assert result.summary["method"] == method
+    layer_params = params["base_decoder"] // 4
+    # Whole layers (ShortGPT) reach the budget to within half a layer; width methods closer.
+    slack = layer_params / 2 if method == "shortgpt" else 0.05 * params["target_removed"]
+    assert abs(params["removed"] - params["target_removed"]) <= slack
+    folder = result.results_dir / "models"
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert sum(p.numel() for p in loaded.parameters()) == params["pruned_total"]
+    plan = json.loads((result.results_dir / "analysis" / "pruning_plan.json").read_text())
+    assert plan["meta"]["method"] == method
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = loaded(ids).logits
+    assert torch.isfinite(logits).all()
+    if method == "shortgpt":
+        for lp in plan["layers"]:  # each layer kept whole or removed whole
+            sizes = (len(lp["kept_kv_heads"]), len(lp["kept_channels"]))
+            assert sizes in ((0, 0), (plan["num_kv_heads"], plan["intermediate_size"]))
+        assert result.summary["layers"]["removed"]
+    if method in ("llm_pruner", "wanda_sp"):  # the same widths in every pruned layer
+        start, stop = llm_pruner_range(4) if method == "llm_pruner" else (0, 4)
+        widths = {len(lp["kept_channels"]) for lp in plan["layers"][start:stop]}
+        assert len(widths) == 1
+
+
+def test_saved_logits_equal_in_memory_pruned_model_with_compensation(arch, tmp_path):
+    model = tiny_model(arch)
+    adapter = adapter_for(model.config)
+    plan = make_plan(arch, {0: ([1], list(range(0, 24, 3))), 2: ([], [1, 2, 3]), 3: ([0], [])})
+    d = adapter.dims()
+    torch.manual_seed(5)
+    attn_mean = torch.randn(4, d.num_heads * d.head_dim)
+    mlp_mean = torch.randn(4, d.intermediate)
+    biases = compensation_biases(model, adapter, plan, attn_mean, mlp_mean)
+    pruned = apply_plan(model, adapter, plan, biases)
+    folder = tmp_path / "saved"
+    save_pruned_model(pruned, tiny_tokenizer(), folder, write_bin=False)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, pruned(ids).logits, atol=1e-5)
+
+
+def test_compensated_mlp_output_unchanged_on_calibration_mean(arch):
+    """The pruned down_proj (with its new bias) maps the mean input as the full one does."""
+    model = tiny_model(arch)
+    adapter = adapter_for(model.config)
+    plan = make_plan(arch, {1: ([1], [0, 5, 7, 11])})
+    d = adapter.dims()
+    torch.manual_seed(6)
+    attn_mean = torch.randn(4, d.num_heads * d.head_dim)
+    mlp_mean = torch.randn(4, d.intermediate)
+    pruned = apply_plan(model, adapter, plan,
+                        compensation_biases(model, adapter, plan, attn_mean, mlp_mean))
+    kept_ch = torch.tensor(plan.layers[1].kept_channels)
+    full, small = model.model.layers[1].mlp.down_proj, pruned.model.layers[1].mlp.down_proj
+    with torch.no_grad():
+        assert torch.allclose(small(mlp_mean[1][kept_ch]), full(mlp_mean[1]), atol=1e-5)
+        width = d.gqa_ratio * d.head_dim
+        cols = torch.cat([torch.arange(h * width, (h + 1) * width)
+                          for h in plan.layers[1].kept_kv_heads])
+        o_full, o_small = model.model.layers[1].self_attn.o_proj, \
+            pruned.model.layers[1].self_attn.o_proj
+        assert torch.allclose(o_small(attn_mean[1][cols]), o_full(attn_mean[1]), atol=1e-5)
+
+
+def test_hgsp_with_bias_compensation_meets_budget(tiny_model_dir, data_dir, tmp_path):
+    result = _run(tiny_model_dir, data_dir, tmp_path, "hgsp", bias_compensation=True)
+    params = result.summary["parameters"]
+    assert result.summary["bias_compensation"] is True
+    assert abs(params["removed"] - params["target_removed"]) <= 0.02 * params["target_removed"]
+    config = json.loads((result.results_dir / "models" / "config.json").read_text())
+    assert config.get("hgsp_out_bias") is True
+    assert math.isfinite(params["achieved_ratio_total"])
