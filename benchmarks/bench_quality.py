@@ -35,6 +35,7 @@ ROWS = {
     "hgsp_t0": ("H-GSP T=0 (pure Taylor)", {"temperature": 0.0}),
     "hgsp_tau_inf": ("H-GSP τ=∞ (layer-wise)", {"tau": float("inf")}),
     "hgsp_tau_0": ("H-GSP τ=0 (block-wise)", {"tau": 0.0}),
+    "hgsp_tau_inf_eps0": ("H-GSP τ=∞ ε=0", {"tau": float("inf"), "epsilon": 0.0}),
     "llm_pruner": ("LLM-Pruner", {"method": "llm_pruner"}),
     "wanda_sp": ("Wanda-sp", {"method": "wanda_sp"}),
     "flap": ("FLAP", {"method": "flap"}),

@@ -38,6 +38,21 @@ VARIANTS = {
     "eps0": {"epsilon": 0.0},
     "eps0.3": {"epsilon": 0.3},
     "bc": {"bias_compensation": True},
+    "tau_inf_bc": {"tau": float("inf"), "bias_compensation": True},
+    "t0_bc": {"temperature": 0.0, "bias_compensation": True},
+    "q50_bc": {"tau_quantile": 0.5, "bias_compensation": True},
+    "q75_bc": {"tau_quantile": 0.75, "bias_compensation": True},
+    "loss": {"delta_metric": "loss"},
+    "loss_bc": {"delta_metric": "loss", "bias_compensation": True},
+    "loss_tau_inf_bc": {"delta_metric": "loss", "tau": float("inf"), "bias_compensation": True},
+    "tau_inf_eps0": {"tau": float("inf"), "epsilon": 0.0},
+    "tau_inf_t0.5": {"tau": float("inf"), "temperature": 0.5},
+    "tau_inf_t2": {"tau": float("inf"), "temperature": 2.0},
+    "q50": {"tau_quantile": 0.5},
+    "floor": {"block_floor": True},
+    "floor_bc": {"block_floor": True, "bias_compensation": True},
+    "floor_t2_bc": {"block_floor": True, "bias_compensation": True, "temperature": 2.0},
+    "q75": {"tau_quantile": 0.75},
     "llm_pruner": {"method": "llm_pruner"},
     "wanda_sp": {"method": "wanda_sp"},
     "flap": {"method": "flap"},
@@ -102,8 +117,8 @@ def main(argv=None) -> int:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         budget = removal_budget(total, decoder, ratio)
         for name in names:
-            cfg = dataclasses.replace(base_cfg, bias_compensation=False,
-                                      **{**extra, **VARIANTS[name]})
+            cfg = dataclasses.replace(base_cfg, **{"bias_compensation": False, **extra,
+                                                   **VARIANTS[name]})
             table, info, sel = score_and_select(measured, adapter, cfg, budget, model)
             plan = plan_from_selection(table, sel, adapter.model_type, d.num_kv_heads,
                                        d.intermediate)

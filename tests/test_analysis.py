@@ -92,6 +92,9 @@ def test_deltas_are_increments_clamped_at_zero():
         assert d.dtype == torch.float64
         assert d.tolist() == pytest.approx(values, abs=1e-12)
         assert torch.all(d >= 0)
+    # in loss units: ln(P / P0), still clamped at zero
+    assert res.deltas("layer", "loss").tolist() == pytest.approx([math.log(1.25), 0.0, 0.0])
+    assert res.deltas("mlp", "loss")[2].item() == pytest.approx(math.log(10.0))
 
 
 def test_deltas_of_a_real_analysis_are_non_negative(windows):

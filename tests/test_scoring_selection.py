@@ -420,3 +420,10 @@ def test_select_scales_to_llama3_70b():
     assert abs(sel.removed_params - budget) <= attn_cost
     assert sel.removed_params == int(t.cost[sel.selected].sum()) + sum(
         hidden * (a + m) for a, m in zip(sel.attn_removed, sel.mlp_removed))
+
+
+def test_tau_quantile_moves_the_automatic_threshold(importances, deltas):
+    attn, mlp = importances
+    t = layout(attn, mlp, ATTN_COST, MLP_COST)
+    info = hgsp_scores(t, 1.0, *deltas, tau_quantile=0.75)
+    assert info.tau == pytest.approx(float(np.percentile(deltas[0].numpy(), 75)), rel=1e-12)

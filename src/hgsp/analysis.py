@@ -38,9 +38,14 @@ class RemovalAnalysis:
     tokens: int
     seq_len: int
 
-    def deltas(self, kind: str) -> torch.Tensor:
+    def deltas(self, kind: str, metric: str = "ppl") -> torch.Tensor:
+        """Increments of one kind of removal: in perplexity (``P - P0``) or, with ``loss``,
+        in mean next-token loss (``ln P - ln P0``, nats per token)."""
         values = {"layer": self.layer_ppl, "attn": self.attn_ppl, "mlp": self.mlp_ppl}[kind]
-        return (torch.tensor(values, dtype=torch.float64) - self.base_ppl).clamp(min=0.0)
+        values = torch.tensor(values, dtype=torch.float64)
+        if metric == "loss":
+            return (values.log() - math.log(self.base_ppl)).clamp(min=0.0)
+        return (values - self.base_ppl).clamp(min=0.0)
 
 
 @contextmanager

@@ -41,9 +41,16 @@ class PruneConfig:
                                  "layers more")
     tau: float | None = _f(None, "gate threshold τ on the layer-removal Δ (default: its 25th "
                                  "percentile); layers with Δ_layer < τ are scored as whole layers")
+    tau_quantile: float = _f(0.25, "the automatic τ: this quantile of the layer-removal Δ "
+                                   "(used when --tau is not given)")
+    block_floor: bool = _f(True, "in Block-Dominant layers, count each block's Δ as at least "
+                                  "τ, so no block of a sensitive layer looks cheaper than a "
+                                  "removable (Layer-Dominant) layer", negatable=True)
+    delta_metric: str = _f("ppl", "Δ of a removal: ppl (perplexity increase P-P0) or loss "
+                                  "(loss increase ln P - ln P0)", choices=("ppl", "loss"))
     epsilon: float = _f(0.15, "collapse threshold ε: a layer keeping less than this fraction of "
                               "its parameters is removed whole (0 disables)")
-    bias_compensation: bool = _f(False, "give each pruned o_proj/down_proj a bias holding the "
+    bias_compensation: bool = _f(True, "give each pruned o_proj/down_proj a bias holding the "
                                         "calibration-mean contribution of its removed heads and "
                                         "channels (as FLAP does; always on for --method flap)",
                                  negatable=True)
@@ -145,6 +152,8 @@ class PruneConfig:
             raise UserError(f"--temperature {self.temperature} must be a finite number >= 0")
         if self.tau is not None and not self.tau >= 0:
             raise UserError(f"--tau {self.tau} must be >= 0 (inf: every layer Layer-Dominant)")
+        if not 0 <= self.tau_quantile <= 1:
+            raise UserError(f"--tau_quantile {self.tau_quantile} must be in [0, 1]")
         if not 0 <= self.epsilon < 1:
             raise UserError(f"--epsilon {self.epsilon} must be in [0, 1)")
         for f in fields(self):

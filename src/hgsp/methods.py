@@ -67,9 +67,10 @@ def _table(attn: torch.Tensor, mlp: torch.Tensor, adapter: Adapter,
 
 def select_hgsp(m: Measurements, adapter: Adapter, cfg, budget: int):
     table = _table(m.importance.attn, m.importance.mlp, adapter, per_parameter=True)
-    deltas = {} if m.analysis is None else {f"delta_{k}": m.analysis.deltas(k)
+    deltas = {} if m.analysis is None else {f"delta_{k}": m.analysis.deltas(k, cfg.delta_metric)
                                             for k in ("layer", "attn", "mlp")}
-    info = hgsp_scores(table, cfg.temperature, tau=cfg.tau, **deltas)
+    info = hgsp_scores(table, cfg.temperature, tau=cfg.tau, tau_quantile=cfg.tau_quantile,
+                       block_floor=cfg.block_floor, **deltas)
     return table, info, select(table, budget, fixed_costs(adapter), cfg.epsilon, cfg.round_to)
 
 

@@ -9,8 +9,9 @@ shrink each layer right after the base class has built it:
 - ``hgsp_num_key_value_heads``: KV heads kept in each layer (0: attention block removed);
 - ``hgsp_intermediate_sizes``: MLP channels kept in each layer (0: MLP block removed);
 - ``hgsp_source_layers``: the index each layer had in the base model (for reports only);
-- ``hgsp_out_bias`` (optional): every kept o_proj and down_proj has a bias, which holds the
-  average contribution of the pruned heads and channels (bias compensation, as in FLAP).
+- ``hgsp_out_biases`` (optional): per layer, ``[attention, mlp]`` flags; a flagged o_proj or
+  down_proj has a bias holding the average contribution of the pruned heads or channels (bias
+  compensation, as in FLAP).
 
 Removed whole layers are simply absent (``num_hidden_layers`` counts the kept ones).
 
@@ -96,8 +97,9 @@ def shrink_layers(model: nn.Module, config) -> None:
         )
     gqa_ratio = config.num_attention_heads // config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    out_biases = getattr(config, "hgsp_out_biases", None) or [[False, False]] * len(layers)
     attn_index = 0
-    for layer, n_kv, width in zip(layers, kv_heads, channels):
+    for layer, n_kv, width, (attn_bias, mlp_bias) in zip(layers, kv_heads, channels, out_biases):
         if n_kv == 0:
             # Norm and attention go together: the norm only feeds the removed branch.
             layer.self_attn = ZeroAttention()
@@ -114,11 +116,10 @@ def shrink_layers(model: nn.Module, config) -> None:
             layer.post_attention_layernorm = nn.Identity()
         elif width != config.intermediate_size:
             shrink_mlp(layer.mlp, width)
-        if getattr(config, "hgsp_out_bias", False):
-            if n_kv:
-                layer.self_attn.o_proj = _with_bias(layer.self_attn.o_proj)
-            if width:
-                layer.mlp.down_proj = _with_bias(layer.mlp.down_proj)
+        if n_kv and attn_bias:
+            layer.self_attn.o_proj = _with_bias(layer.self_attn.o_proj)
+        if width and mlp_bias:
+            layer.mlp.down_proj = _with_bias(layer.mlp.down_proj)
 
 
 class _HgspMixin:

@@ -93,12 +93,15 @@ def uses_compensation(cfg: PruneConfig) -> bool:
     return cfg.method == "flap" or cfg.bias_compensation
 
 
-def bias_overhead(selection: Selection, adapter: Adapter) -> int:
-    """Parameters that bias compensation adds: a bias per kept block that had none."""
-    hidden = adapter.dims().hidden
-    attn = 0 if adapter.o_bias else sum(not r for r in selection.attn_removed)
-    mlp = 0 if adapter.mlp_bias else sum(not r for r in selection.mlp_removed)
-    return hidden * (attn + mlp)
+def bias_overhead(table: GroupTable, selection: Selection, adapter: Adapter) -> int:
+    """Parameters that bias compensation adds: a bias per narrowed block that had none."""
+    n_layers = len(selection.attn_removed)
+    touched = torch.zeros(n_layers * 2, dtype=torch.bool)
+    touched[(table.layer * 2 + table.kind)[selection.selected]] = True
+    removed = torch.tensor([selection.attn_removed, selection.mlp_removed]).T.reshape(-1)
+    narrowed = (touched & ~removed).view(n_layers, 2)
+    has_bias = torch.tensor([adapter.o_bias, adapter.mlp_bias])
+    return adapter.dims().hidden * int((narrowed & ~has_bias).sum())
 
 
 def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig, budget: int,
@@ -111,7 +114,8 @@ def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig,
     table, info, selection = choose(cfg.method, measured, adapter, cfg, budget, model)
     if uses_compensation(cfg):
         table, info, selection = choose(cfg.method, measured, adapter, cfg,
-                                        budget + bias_overhead(selection, adapter), model)
+                                        budget + bias_overhead(table, selection, adapter),
+                                        model)
     return table, info, selection
 
 

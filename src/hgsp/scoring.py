@@ -7,6 +7,7 @@ Groups are ordered layer by layer, attention groups before MLP channels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,19 +57,24 @@ def layout(attn_importance: torch.Tensor, mlp_importance: torch.Tensor,
                       torch.zeros(layer.numel(), dtype=torch.float64), importance / cost)
 
 
-def auto_tau(delta_layer: torch.Tensor) -> float:
-    """The default threshold: the 25th percentile of the layer-removal increments."""
-    return float(torch.quantile(delta_layer.double(), 0.25))
+def auto_tau(delta_layer: torch.Tensor, quantile: float = 0.25) -> float:
+    """The default threshold: a percentile (the 25th) of the layer-removal increments."""
+    return float(torch.quantile(delta_layer.double(), quantile))
 
 
 def hgsp_scores(table: GroupTable, temperature: float, delta_layer: torch.Tensor | None = None,
                 delta_attn: torch.Tensor | None = None, delta_mlp: torch.Tensor | None = None,
-                tau: float | None = None) -> ScoreInfo:
+                tau: float | None = None, tau_quantile: float = 0.25,
+                block_floor: bool = False) -> ScoreInfo:
     """Fill ``table.delta`` and ``table.score`` with ``S = I / cost * ln(1 + Δ)^T``.
 
     A layer whose Δ_layer is below τ is Layer-Dominant (all its groups use Δ_layer); the others
     are Block-Dominant (attention groups use Δ_attn, MLP channels Δ_mlp). With ``T = 0`` the
     deltas are not needed and the score is the plain importance per parameter.
+
+    With ``block_floor`` a block of a Block-Dominant layer counts at least τ: such a layer was
+    judged too sensitive to remove whole, so none of its blocks may look cheaper than the
+    Layer-Dominant layers the gate marked as removable.
     """
     base = table.importance / table.cost
     n_layers = int(table.layer.max()) + 1 if len(table) else 0
@@ -81,9 +87,11 @@ def hgsp_scores(table: GroupTable, temperature: float, delta_layer: torch.Tensor
     delta_layer, delta_attn, delta_mlp = (d.double().clamp(min=0) for d in
                                           (delta_layer, delta_attn, delta_mlp))
     if tau is None:
-        tau = auto_tau(delta_layer)
+        tau = auto_tau(delta_layer, tau_quantile)
     layer_dominant = delta_layer < tau
     block_delta = torch.where(table.kind == ATTN, delta_attn[table.layer], delta_mlp[table.layer])
+    if block_floor and math.isfinite(tau):
+        block_delta = block_delta.clamp(min=tau)
     table.delta = torch.where(layer_dominant[table.layer], delta_layer[table.layer], block_delta)
     table.score = base * torch.log1p(table.delta).pow(temperature)
     modes = [MODE_LAYER if d else MODE_BLOCK for d in layer_dominant.tolist()]

@@ -45,7 +45,7 @@ def is_uniform(plan: PruningPlan) -> bool:
                and len(lp.kept_channels) == plan.intermediate_size for lp in plan.kept_layers)
 
 
-def pruned_config(base_config, plan: PruningPlan, out_bias: bool = False):
+def pruned_config(base_config, plan: PruningPlan, out_biases: dict | None = None):
     """The config of the pruned model: fewer layers and, if needed, per-layer sizes."""
     data = base_config.to_dict()
     for key in ("_name_or_path", "auto_map", "architectures", "transformers_version"):
@@ -57,15 +57,16 @@ def pruned_config(base_config, plan: PruningPlan, out_bias: bool = False):
     if data.get("max_window_layers") is not None:  # Qwen2: layers below it use full attention
         data["max_window_layers"] = sum(lp.index < data["max_window_layers"] for lp in kept)
     model_type = data.pop("model_type")
-    if is_uniform(plan) and not out_bias:
+    if is_uniform(plan) and not out_biases:
         config = AutoConfig.for_model(model_type, **data)
     else:
         config_cls, model_cls = PRUNED_CLASSES[model_type]
         data["hgsp_num_key_value_heads"] = [len(lp.kept_kv_heads) for lp in kept]
         data["hgsp_intermediate_sizes"] = [len(lp.kept_channels) for lp in kept]
         data["hgsp_source_layers"] = [lp.index for lp in kept]
-        if out_bias:
-            data["hgsp_out_bias"] = True
+        if out_biases:
+            data["hgsp_out_biases"] = [[k in out_biases.get(lp.index, {}) for k in ("attn", "mlp")]
+                                       for lp in kept]
         data["auto_map"] = {
             "AutoConfig": f"modeling_hgsp.{config_cls.__name__}",
             "AutoModelForCausalLM": f"modeling_hgsp.{model_cls.__name__}",
@@ -131,17 +132,17 @@ def sliced_state_dict(model: nn.Module, adapter: Adapter, plan: PruningPlan,
 
 
 def _add_out_biases(state: dict, prefix: str, lp: LayerPlan, biases: dict) -> None:
-    """Give each kept block's output projection a bias: its own (if any) plus compensation."""
-    for kind, module, removed in (("attn", "self_attn.o_proj", lp.attn_removed),
-                                  ("mlp", "mlp.down_proj", lp.mlp_removed)):
-        if removed:
+    """Add compensation to the output projection of each kept, narrowed block (creating the
+    bias when the base model has none)."""
+    for kind, module in (("attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")):
+        extra = biases.get(kind)
+        if extra is None:
             continue
         weight = state[f"{prefix}{module}.weight"]
         name = f"{prefix}{module}.bias"
         bias = state.get(name, torch.zeros(weight.shape[0], dtype=weight.dtype,
                                            device=weight.device))
-        extra = biases.get(kind)
-        state[name] = bias if extra is None else bias + extra.to(bias.device, bias.dtype)
+        state[name] = bias + extra.to(bias.device, bias.dtype)
 
 
 @torch.no_grad()
@@ -159,7 +160,7 @@ def compensation_biases(model: nn.Module, adapter: Adapter, plan: PruningPlan,
     for lp, layer in zip(plan.layers, adapter.layers(model)):
         if lp.removed:
             continue
-        entry = out.setdefault(lp.index, {})
+        entry = {}
         o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
         with onloaded([o_proj, down_proj]):
             if not lp.attn_removed and len(lp.kept_kv_heads) < plan.num_kv_heads:
@@ -170,6 +171,8 @@ def compensation_biases(model: nn.Module, adapter: Adapter, plan: PruningPlan,
                 entry["mlp"] = compensation_bias(down_proj.weight.detach(),
                                                  mlp_mean[lp.index].to(down_proj.weight.device),
                                                  as_index(lp.kept_channels))
+        if entry:
+            out[lp.index] = entry
     return out
 
 
@@ -178,14 +181,14 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: PruningPlan,
                out_biases: dict | None = None) -> nn.Module:
     """A new model that is ``model`` pruned as ``plan`` says; ``model`` is not changed.
 
-    With ``out_biases`` (bias compensation) every kept o_proj/down_proj gets a bias.
+    With ``out_biases`` (bias compensation) the listed o_proj/down_proj get a bias.
     """
     if plan.num_layers != len(adapter.layers(model)):
         raise ValueError(f"plan is for {plan.num_layers} layers, model has "
                          f"{len(adapter.layers(model))}")
     if not plan.kept_layers:
         raise ValueError("the plan removes every layer")
-    config = pruned_config(model.config, plan, out_bias=out_biases is not None)
+    config = pruned_config(model.config, plan, out_biases)
     state = sliced_state_dict(model, adapter, plan, out_biases)
     dtype = next(model.parameters()).dtype
     with init_empty_weights(include_buffers=False):
