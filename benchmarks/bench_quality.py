@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     import torch
 
     from hgsp.assets import asset_paths
-    from hgsp.evaluate import EvalSettings
+    from hgsp.evaluate import EvalSettings, check_data
     from hgsp.modelio import load_model
 
     torch.manual_seed(0)
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
                             ppl_max_windows=args.ppl_max_windows,
                             zeroshot_tasks=["piqa", "hellaswag", "winogrande", "arc_easy"],
                             zeroshot_limit=args.zeroshot_limit, batch_sizes=(1,))
+    check_data(settings)  # fail now, not after the first runs, if evaluation data is missing
     base = load_model(model_path, torch.float32, "cpu", None)
     rows = [{"ratio": 0.0, "label": "base", "layers_kept": base.model.config.num_hidden_layers,
              **evaluate(base.model, base.tokenizer, settings, model_path)}]

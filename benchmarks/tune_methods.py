@@ -27,9 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-# name -> PruneConfig overrides (the defaults of hgsp otherwise)
+# Every variant starts from the plain DESIGN.md score (no bias compensation, no block floor)
+# with hgsp's other defaults, so that each row shows what its own change does.
+PLAIN = {"bias_compensation": False, "block_floor": False}
+# name -> PruneConfig overrides on top of PLAIN
 VARIANTS = {
     "default": {},
+    "hgsp_defaults": {"bias_compensation": True, "block_floor": True},
     "t0": {"temperature": 0.0},
     "tau_inf": {"tau": float("inf")},
     "tau_0": {"tau": 0.0},
@@ -117,8 +121,7 @@ def main(argv=None) -> int:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         budget = removal_budget(total, decoder, ratio)
         for name in names:
-            cfg = dataclasses.replace(base_cfg, **{"bias_compensation": False, **extra,
-                                                   **VARIANTS[name]})
+            cfg = dataclasses.replace(base_cfg, **{**PLAIN, **extra, **VARIANTS[name]})
             table, info, sel = score_and_select(measured, adapter, cfg, budget, model)
             plan = plan_from_selection(table, sel, adapter.model_type, d.num_kv_heads,
                                        d.intermediate)

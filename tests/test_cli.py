@@ -138,6 +138,9 @@ BAD_INPUTS = [
     (["--run_evaluation", "speed"], "unknown --run_evaluation 'speed'"),
     (["--output_name", "../escape"], "must be a plain folder name"),
     (["--num_examples", "0"], "--num_examples must be a positive integer"),
+    (["--method", "sparsegpt"], "unknown --method 'sparsegpt'"),
+    (["--tau_quantile", "2"], "--tau_quantile 2.0 must be in [0, 1]"),
+    (["--delta_metric", "kl"], "unknown --delta_metric 'kl'"),
 ]
 
 

@@ -427,3 +427,19 @@ def test_tau_quantile_moves_the_automatic_threshold(importances, deltas):
     t = layout(attn, mlp, ATTN_COST, MLP_COST)
     info = hgsp_scores(t, 1.0, *deltas, tau_quantile=0.75)
     assert info.tau == pytest.approx(float(np.percentile(deltas[0].numpy(), 75)), rel=1e-12)
+
+
+def test_block_floor_lifts_block_deltas_to_tau(importances, deltas):
+    attn, mlp = importances
+    d_layer, d_attn, d_mlp = deltas
+    t = layout(attn, mlp, ATTN_COST, MLP_COST)
+    info = hgsp_scores(t, 1.0, *deltas, tau=3.0, block_floor=True)
+    block = torch.tensor([m == MODE_BLOCK for m in info.modes])
+    expected = torch.where(t.kind == ATTN, d_attn[t.layer], d_mlp[t.layer]).double().clamp(min=3.0)
+    expected = torch.where(block[t.layer], expected, d_layer[t.layer].double())
+    torch.testing.assert_close(t.delta, expected)
+    assert torch.all(t.delta[block[t.layer]] >= 3.0)
+    # tau = inf has no Block-Dominant layer, so the floor changes nothing
+    t2 = layout(attn, mlp, ATTN_COST, MLP_COST)
+    hgsp_scores(t2, 1.0, *deltas, tau=float("inf"), block_floor=True)
+    torch.testing.assert_close(t2.delta, d_layer[t2.layer].double())
