@@ -180,14 +180,15 @@ def estimate(s: Shape, dtype: str, batch: int, seq_len: int, analysis_batch: int
     loop_tmp = (4 * M if b < 4 else 0) + M  # p.grad.float() copy, isfinite mask
     S = P_lin * 4
 
-    def calibration(act: int, second_order: bool) -> dict:
+    def calibration(act: int, second_order: bool, sums_on_cpu: bool = False) -> dict:
         sums = 2 * S if second_order else S
         end = G + loop_tmp + (4 * M if second_order else 0)
-        peak = W + sums + max(act, end)
-        if second_order:  # after the loop: grad sums, Fisher sums and Fisher / n_batches
+        # --gradient_sums_on_cpu: the sums live in host memory, the device holds the rest
+        peak = W + (0 if sums_on_cpu else sums) + max(act, end)
+        if second_order and not sums_on_cpu:  # after the loop: sums, Fisher, Fisher / n
             peak = max(peak, W + 3 * S)
         return {"bytes": peak, "weights": W, "grad_sums_fp32": sums, "activations_and_loss": act,
-                "grads_model_dtype_and_loop_temporaries": end}
+                "grads_model_dtype_and_loop_temporaries": end, "sums_on_cpu": sums_on_cpu}
 
     # Batch tokens (B·T) above which the activations, not the gradients, set the peak, i.e.
     # where --use_gradient_checkpointing starts to lower it.
@@ -206,6 +207,7 @@ def estimate(s: Shape, dtype: str, batch: int, seq_len: int, analysis_batch: int
         "calibration": calibration(acts["plain"], False),
         "calibration_checkpointing": calibration(acts["checkpointing"], False),
         "calibration_taylor_2nd": calibration(acts["plain"], True),
+        "calibration_sums_on_cpu": calibration(acts["plain"], False, sums_on_cpu=True),
         "analysis": {"bytes": W + cached + analysis_tmp + analysis_logits, "weights": W,
                      "cached_layer_inputs": cached, "layer_transient": analysis_tmp,
                      "logits": analysis_logits},
@@ -221,6 +223,7 @@ STAGE_LABELS = {
     "calibration": "calibration, taylor",
     "calibration_checkpointing": "calibration, taylor + gradient checkpointing",
     "calibration_taylor_2nd": "calibration, taylor_2nd",
+    "calibration_sums_on_cpu": "calibration, taylor + --gradient_sums_on_cpu (device memory)",
     "analysis": "removal analysis",
     "surgery": "surgery (base + pruned)",
     "save": "save",

@@ -288,3 +288,11 @@ def test_unknown_method_is_a_user_error(windows):
     model = tiny_model("llama")
     with pytest.raises(UserError, match="unknown importance method"):
         compute_importance(model, adapter_for(model.config), "fisher", windows, BATCH)
+
+
+def test_gradient_sums_on_cpu_give_the_same_importance(windows):
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    expected = compute_importance(model, adapter, "taylor_2nd", windows, BATCH)
+    actual = compute_importance(model, adapter, "taylor_2nd", windows, BATCH, sums_on_cpu=True)
+    assert torch.equal(actual.attn, expected.attn) and torch.equal(actual.mlp, expected.mlp)

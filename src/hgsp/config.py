@@ -63,6 +63,9 @@ class PruneConfig:
     gradient_batch_size: int = _f(4, "windows per forward/backward pass")
     use_gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass "
                                                  "(less memory, slower)")
+    gradient_sums_on_cpu: bool = _f(False, "keep the float32 gradient sums of the importance in "
+                                           "CPU memory (GPU memory: the model and one pass's "
+                                           "gradients; about 4 bytes per parameter less)")
     analysis_samples: int = _f(16, "windows for the layer/block removal analysis (disjoint from "
                                    "the calibration windows)")
     analysis_batch_size: int = _f(8, "windows per forward pass in the removal analysis")

@@ -58,20 +58,24 @@ def input_device(model: nn.Module) -> torch.device:
 
 def compute_importance(model: nn.Module, adapter: Adapter, method: str,
                        windows: torch.Tensor | None, batch_size: int,
-                       gradient_checkpointing: bool = False) -> Importance:
+                       gradient_checkpointing: bool = False,
+                       sums_on_cpu: bool = False) -> Importance:
     """Importance of every attention group and MLP channel of ``model``.
 
     Args:
         windows: ``(n, seq_len)`` calibration token ids (unused for ``magnitude``).
         batch_size: windows per forward/backward pass.
         gradient_checkpointing: trade compute for activation memory in the backward pass.
+        sums_on_cpu: keep the float32 gradient sums in CPU memory instead of beside the
+            weights: the GPU then holds only the model and one pass's gradients.
     """
     if method not in METHODS:
         raise UserError(f"unknown importance method '{method}': use one of {', '.join(METHODS)}")
     stats: dict[int, dict] = {}
     tokens = 0 if windows is None else windows.numel()
     if method in GRADIENT_METHODS:
-        stats = _gradient_stats(model, adapter, method, windows, batch_size, gradient_checkpointing)
+        stats = _gradient_stats(model, adapter, method, windows, batch_size, gradient_checkpointing,
+                                sums_on_cpu)
     elif method == "wanda":
         stats = _input_norms(model, adapter, windows, batch_size)
     return _reduce(model, adapter, method, stats, tokens)
@@ -83,7 +87,8 @@ def _check_finite(loss: torch.Tensor, what: str) -> None:
                         "or bfloat16, or shorter --seq_len")
 
 
-def _gradient_stats(model, adapter, method, windows, batch_size, checkpointing) -> dict:
+def _gradient_stats(model, adapter, method, windows, batch_size, checkpointing,
+                    sums_on_cpu: bool = False) -> dict:
     """Summed gradients (and Fisher diagonals for taylor_2nd) of every prunable linear.
 
     Works on a model dispatched by accelerate (``--device_map``): the sums of a linear whose
@@ -103,7 +108,8 @@ def _gradient_stats(model, adapter, method, windows, batch_size, checkpointing) 
         lin.requires_grad_(True)
 
     def zeros(p):
-        return torch.zeros(p.shape, dtype=torch.float32, device="cpu" if p.is_meta else p.device)
+        on_cpu = p.is_meta or sums_on_cpu
+        return torch.zeros(p.shape, dtype=torch.float32, device="cpu" if on_cpu else p.device)
 
     grad_sum = {(i, path, pname): zeros(getattr(lin, pname)) for i, path, pname, lin in entries}
     fisher = {key: torch.zeros_like(g) for key, g in grad_sum.items()} \
