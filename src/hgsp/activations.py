@@ -18,12 +18,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .baselines import token_cosine_sum
-from .data import batches
-from .importance import input_device
+from .importance import forward_windows
 
 
 @dataclass
@@ -83,15 +81,7 @@ def collect_activation_stats(model: nn.Module, adapter: Adapter, windows: torch.
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(feature_hook("attn", index)))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(feature_hook("mlp", index)))
         handles.append(layer.register_forward_hook(layer_hook(index), with_kwargs=True))
-    try:
-        total = -(-windows.shape[0] // batch_size)
-        for ids, mask, _ in tqdm(batches(windows, batch_size), total=total,
-                                 desc="activation statistics", leave=False):
-            dev = input_device(model)
-            model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_windows(model, windows, batch_size, handles, "activation statistics")
 
     def stack(kind, which):
         return torch.stack([sums[(kind, i)][which] for i in range(n)])

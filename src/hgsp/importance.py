@@ -245,6 +245,21 @@ def onloaded(modules, device=None):
 
 
 @torch.no_grad()
+def forward_windows(model: nn.Module, windows: torch.Tensor, batch_size: int, handles: list,
+                    desc: str) -> None:
+    """Run the windows through ``model`` for its hooks' sake, then remove the hooks."""
+    try:
+        total = -(-windows.shape[0] // batch_size)
+        for ids, mask, _ in tqdm(batches(windows, batch_size), total=total, desc=desc,
+                                 leave=False):
+            dev = input_device(model)
+            model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def _input_norms(model, adapter, windows, batch_size) -> dict:
     """L2 norm of every input feature of every prunable linear, over all calibration tokens."""
     sq: dict[tuple[int, str], torch.Tensor] = {}
@@ -259,15 +274,7 @@ def _input_norms(model, adapter, windows, batch_size) -> dict:
 
     for index, path, *_, lin in layer_linears(model, adapter):
         handles.append(lin.register_forward_hook(make_hook((index, path))))
-    try:
-        total = -(-windows.shape[0] // batch_size)
-        for ids, mask, _ in tqdm(batches(windows, batch_size), total=total,
-                                 desc="importance (wanda)", leave=False):
-            dev = input_device(model)
-            model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_windows(model, windows, batch_size, handles, "importance (wanda)")
     bias_norm = bias_input_norm(windows.numel())
     stats: dict[int, dict] = {}
     for (index, path), s in sq.items():
