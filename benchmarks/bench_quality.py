@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--zeroshot_limit", type=int, default=100)
     p.add_argument("--extra", default="{}", help="JSON PruneConfig overrides for every row")
     p.add_argument("--out_dir", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    p.add_argument("--update", action="store_true",
+                   help="keep the rows of OUT_DIR/quality.json (its base row included) and "
+                        "replace only the ratio/row pairs run now")
     p.add_argument("--work_dir", default=None, help="where the pruned models go (default: "
                                                       "OUT_DIR/runs)")
     return p.parse_args(argv)
@@ -152,12 +155,17 @@ def main(argv=None) -> int:
                             zeroshot_tasks=["piqa", "hellaswag", "winogrande", "arc_easy"],
                             zeroshot_limit=args.zeroshot_limit, batch_sizes=(1,))
     check_data(settings)  # fail now, not after the first runs, if evaluation data is missing
-    base = load_model(model_path, torch.float32, "cpu", None)
-    rows = [{"ratio": 0.0, "label": "base", "layers_kept": base.model.config.num_hidden_layers,
-             **evaluate(base.model, base.tokenizer, settings, model_path)}]
-    print(json.dumps(rows[-1]), flush=True)
     names = list(ROWS) if args.rows == "all" else args.rows.split(",")
-    for ratio in [float(r) for r in args.ratios.split(",")]:
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if args.update:
+        rows = json.loads((out_dir / "quality.json").read_text())["rows"]
+        rows = [r for r in rows if not (r.get("row") in names and r["ratio"] in ratios)]
+    else:
+        base = load_model(model_path, torch.float32, "cpu", None)
+        rows = [{"ratio": 0.0, "label": "base", "layers_kept": base.model.config.num_hidden_layers,
+                 **evaluate(base.model, base.tokenizer, settings, model_path)}]
+        print(json.dumps(rows[-1]), flush=True)
+    for ratio in ratios:
         for name in names:
             result, seconds = prune_row(model_path, name, ratio, args, work_dir)
             folder = result.results_dir / "models"
@@ -168,10 +176,16 @@ def main(argv=None) -> int:
                    **evaluate(pruned.model, pruned.tokenizer, settings, str(folder))}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            _write(out_dir, rows, args)
-    _write(out_dir, rows, args)
-    print(markdown(rows, vars(args)))
+            _write(out_dir, _ordered(rows), args)
+    _write(out_dir, _ordered(rows), args)
+    print(markdown(_ordered(rows), vars(args)))
     return 0
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    """Base first, then by ratio in the order of :data:`ROWS`."""
+    order = {name: i for i, name in enumerate(ROWS)}
+    return sorted(rows, key=lambda r: (r["ratio"], order.get(r.get("row"), -1)))
 
 
 def _write(out_dir: Path, rows: list[dict], args) -> None:

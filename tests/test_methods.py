@@ -132,6 +132,8 @@ def test_method_meets_budget_and_saved_model_matches(method, arch, data_dir, tmp
     result = _run(model_dir, data_dir, tmp_path / "results", method)
     params = result.summary["parameters"]
     assert result.summary["method"] == method
+    # only FLAP compensates, whatever --bias_compensation says (it is an H-GSP option)
+    assert result.summary["bias_compensation"] == (method == "flap")
     layer_params = params["base_decoder"] // 4
     # Whole layers (ShortGPT) reach the budget to within half a layer; width methods closer.
     slack = layer_params / 2 if method == "shortgpt" else 0.05 * params["target_removed"]

@@ -52,7 +52,8 @@ class PruneConfig:
                               "its parameters is removed whole (0 disables)")
     bias_compensation: bool = _f(True, "give each pruned o_proj/down_proj a bias holding the "
                                         "calibration-mean contribution of its removed heads and "
-                                        "channels (as FLAP does; always on for --method flap)",
+                                        "channels (as FLAP does); for --method hgsp (flap always "
+                                        "compensates, the other baselines never do)",
                                  negatable=True)
     round_to: int = _f(1, "keep every layer's MLP width a multiple of N (e.g. 8 or 64) so the "
                           "pruned matrices suit fast kernels; 1 = no rounding")

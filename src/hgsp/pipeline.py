@@ -90,7 +90,9 @@ def removal_budget(total: int, decoder: int, ratio: float) -> int:
 
 
 def uses_compensation(cfg: PruneConfig) -> bool:
-    return cfg.method == "flap" or cfg.bias_compensation
+    """FLAP always compensates; H-GSP as ``--bias_compensation`` says; the other baselines
+    never do (their papers do not)."""
+    return cfg.method == "flap" or (cfg.method == "hgsp" and cfg.bias_compensation)
 
 
 def bias_overhead(table: GroupTable, selection: Selection, adapter: Adapter) -> int:
