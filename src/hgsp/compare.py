@@ -108,20 +108,21 @@ def method_label(arguments: dict, summary: dict) -> str:
     if method in ("hgsp", "llm_pruner"):
         method = f"{method}/{arguments.get('importance_method')}"
     return method + ("+bc" if summary.get("bias_compensation") and
-                     arguments.get("method") != "flap" else "")
+                     arguments.get("method", "hgsp") == "hgsp" else "")
 
 
 def _run_row(run: RunData) -> dict:
     s, a = run.summary, run.arguments
     base, pruned = eval_models(run)
-    temperature = s.get("score", {}).get("temperature")
+    is_hgsp = a.get("method", "hgsp") == "hgsp"  # T, τ and ε are H-GSP settings only
+    temperature = s.get("score", {}).get("temperature") if is_hgsp else None
     speed, base_speed = decode_speed(pruned), decode_speed(base)
     return {
         "run": run.name, "ratio": s["parameters"]["achieved_ratio_total"],
         "method": method_label(a, s), "T": temperature,
         # τ means nothing at T = 0 (no analysis), so leave it empty rather than "None".
         "tau": None if not temperature else s.get("score", {}).get("tau"),
-        "epsilon": a.get("epsilon"), "params": s["parameters"]["pruned_total"],
+        "epsilon": a.get("epsilon") if is_hgsp else None, "params": s["parameters"]["pruned_total"],
         "layers": f"{s['layers']['kept']}/{s['layers']['base']}",
         **{f"ppl:{k}": v for k, v in ppl_metrics(pruned).items()},
         "zeroshot_mean": zeroshot_mean(pruned), "decode_tok_s": speed,
@@ -194,7 +195,7 @@ def quality_points(comparison: Comparison) -> list:
         is_base = row["run"].startswith("base: ")
         # Runs that differ only in the ratio form one line in the picture.
         series = "" if is_base else f"{row['method']}" + \
-            (f", T={row['T']:g}" if row["method"].startswith("hgsp") else "") + \
+            (f", T={row['T']:g}" if row["T"] is not None else "") + \
             (" +ft" if row["run"].endswith(" +ft") else "")
         points.append(QualityPoint(row["run"], row["params"], metrics, series, is_base))
     return points
