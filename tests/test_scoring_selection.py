@@ -443,3 +443,17 @@ def test_block_floor_lifts_block_deltas_to_tau(importances, deltas):
     t2 = layout(attn, mlp, ATTN_COST, MLP_COST)
     hgsp_scores(t2, 1.0, *deltas, tau=float("inf"), block_floor=True)
     torch.testing.assert_close(t2.delta, d_layer[t2.layer].double())
+
+
+def test_collapse_only_where_allowed():
+    # two layers, each: 1 attention group (cost 10) + 4 channels (cost 1); a budget that
+    # thins layer 0 to 1 of 14 parameters, below ε = 0.15
+    attn = torch.tensor([[1.0], [50.0]])
+    mlp = torch.tensor([[0.1, 0.2, 0.3, 5.0], [40.0, 41.0, 42.0, 43.0]])
+    fixed = FixedCosts(0, 0)
+    t = layout(attn, mlp, 10, 1)
+    everywhere = select(t, 13, fixed, 0.15)
+    assert everywhere.collapsed_layers == [0]
+    kept = select(t, 13, fixed, 0.15, collapsible=torch.tensor([False, True]))
+    assert kept.collapsed_layers == []
+    assert not kept.layers_removed[0] and kept.removed_params == 13

@@ -55,6 +55,9 @@ class PruneConfig:
                                         "channels (as FLAP does); for --method hgsp (flap always "
                                         "compensates, the other baselines never do)",
                                  negatable=True)
+    collapse_scope: str = _f("all", "layers that collapse (ε) may remove: all, or only "
+                                    "layer_dominant ones (a sensitive layer thinned below ε "
+                                    "keeps what is left)", choices=("all", "layer_dominant"))
     round_to: int = _f(1, "keep every layer's MLP width a multiple of N (e.g. 8 or 64) so the "
                           "pruned matrices suit fast kernels; 1 = no rounding")
     dataset: str = _f("wikitext2", "calibration corpus (its train split)", choices=DATASETS)

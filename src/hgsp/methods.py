@@ -27,7 +27,7 @@ from .analysis import RemovalAnalysis
 from .baselines import block_influence, flap_scores, fluctuation, wanda_sp_scores
 from .errors import UserError
 from .importance import Importance
-from .scoring import ATTN, MLP, MODE_NONE, GroupTable, ScoreInfo, hgsp_scores, layout
+from .scoring import ATTN, MLP, MODE_LAYER, MODE_NONE, GroupTable, ScoreInfo, hgsp_scores, layout
 from .selection import FixedCosts, Selection, select, selection_from_mask
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,11 @@ def select_hgsp(m: Measurements, adapter: Adapter, cfg, budget: int):
                                             for k in ("layer", "attn", "mlp")}
     info = hgsp_scores(table, cfg.temperature, tau=cfg.tau, tau_quantile=cfg.tau_quantile,
                        block_floor=cfg.block_floor, **deltas)
-    return table, info, select(table, budget, fixed_costs(adapter), cfg.epsilon, cfg.round_to)
+    collapsible = None
+    if cfg.collapse_scope == "layer_dominant" and info.tau is not None:
+        collapsible = torch.tensor([mode == MODE_LAYER for mode in info.modes])
+    return table, info, select(table, budget, fixed_costs(adapter), cfg.epsilon, cfg.round_to,
+                               collapsible)
 
 
 def llm_pruner_range(n_layers: int) -> tuple[int, int]:

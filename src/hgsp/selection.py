@@ -128,7 +128,7 @@ def _give_back(table: GroupTable, blocks: _Blocks, selected: torch.Tensor, budge
 
 
 def select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float,
-           round_to: int = 1) -> Selection:
+           round_to: int = 1, collapsible: torch.Tensor | None = None) -> Selection:
     """Greedy global selection, then collapse of nearly empty layers.
 
     Args:
@@ -136,19 +136,23 @@ def select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float,
         epsilon: a layer keeping less than this fraction of its parameters is removed whole;
             what that removes beyond the budget is given back elsewhere. 0 disables collapse.
         round_to: keep every MLP width a multiple of this (see :mod:`hgsp.rounding`).
+        collapsible: bool per layer, the layers collapse may remove (default: all).
     """
     if round_to <= 1:
-        return _select(table, budget, fixed, epsilon)
+        return _select(table, budget, fixed, epsilon, collapsible)
     from .rounding import chunk_mlp_channels
 
     chunking = chunk_mlp_channels(table, round_to)
-    result = _select(chunking.table, budget, fixed, epsilon)
+    result = _select(chunking.table, budget, fixed, epsilon, collapsible)
     result.selected = chunking.expand(result.selected)
     return result
 
 
-def _select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float) -> Selection:
+def _select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float,
+            collapsible: torch.Tensor | None = None) -> Selection:
     blocks = _Blocks(table, fixed)
+    if collapsible is None:
+        collapsible = torch.ones(blocks.n_layers, dtype=torch.bool)
     selected = greedy_knapsack(table.score, table.cost, budget)
     totals = blocks.layer_totals()
     collapsed = torch.zeros(blocks.n_layers, dtype=torch.bool)
@@ -160,7 +164,7 @@ def _select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float) -
             break
         retained = 1 - blocks.layer_removed_params(selected) / totals
         fully_removed = blocks.removed_blocks(selected).view(-1, 2).all(dim=1)
-        new = (retained < epsilon) & ~fully_removed & ~collapsed
+        new = (retained < epsilon) & ~fully_removed & ~collapsed & collapsible
         if not new.any():
             break
         collapsed |= new  # at least one new layer per pass, so the loop ends
