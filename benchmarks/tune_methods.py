@@ -29,11 +29,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 # Every variant starts from the plain DESIGN.md score (no bias compensation, no block floor)
 # with hgsp's other defaults, so that each row shows what its own change does.
-PLAIN = {"bias_compensation": False, "block_floor": False}
+PLAIN = {"bias_compensation": False, "block_floor": False, "collapse_scope": "all"}
 # name -> PruneConfig overrides on top of PLAIN
 VARIANTS = {
     "default": {},
-    "hgsp_defaults": {"bias_compensation": True, "block_floor": True},
+    "hgsp_defaults": {"bias_compensation": True, "block_floor": True,
+                      "collapse_scope": "layer_dominant"},
     "t0": {"temperature": 0.0},
     "tau_inf": {"tau": float("inf")},
     "tau_0": {"tau": 0.0},

@@ -55,7 +55,7 @@ class PruneConfig:
                                         "channels (as FLAP does); for --method hgsp (flap always "
                                         "compensates, the other baselines never do)",
                                  negatable=True)
-    collapse_scope: str = _f("all", "layers that collapse (ε) may remove: all, or only "
+    collapse_scope: str = _f("layer_dominant", "layers that collapse (ε) may remove: all, or only "
                                     "layer_dominant ones (a sensitive layer thinned below ε "
                                     "keeps what is left)", choices=("all", "layer_dominant"))
     round_to: int = _f(1, "keep every layer's MLP width a multiple of N (e.g. 8 or 64) so the "
