@@ -87,9 +87,11 @@ def test_removal_analysis_under_offload_matches(model_dir, windows):
         assert getattr(actual, kind) == pytest.approx(getattr(expected, kind), rel=1e-6), kind
 
 
-def test_prune_with_offload_gives_the_same_plan_and_model(model_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("method", ["hgsp", "flap", "wanda_sp"])
+def test_prune_with_offload_gives_the_same_plan_and_model(method, model_dir, data_dir, tmp_path):
     common = dict(base_model=str(model_dir), pruning_ratio=0.3, data_dir=str(data_dir),
-                  results_dir=str(tmp_path), cache=False, **FAST)  # no cache: compute both
+                  results_dir=str(tmp_path), cache=False, method=method,
+                  **FAST)  # no cache: compute both
     prune(PruneConfig(output_name="plain", **common))
     result = prune(PruneConfig(output_name="split", device_map=SPLIT, **common))
     plans = [json.loads((tmp_path / name / "analysis" / "pruning_plan.json").read_text())

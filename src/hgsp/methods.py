@@ -26,7 +26,7 @@ from .adapters import Adapter
 from .analysis import RemovalAnalysis
 from .baselines import block_influence, flap_scores, fluctuation, wanda_sp_scores
 from .errors import UserError
-from .importance import Importance
+from .importance import Importance, onloaded
 from .scoring import ATTN, MLP, MODE_LAYER, MODE_NONE, GroupTable, ScoreInfo, hgsp_scores, layout
 from .selection import FixedCosts, Selection, select, selection_from_mask
 
@@ -133,15 +133,23 @@ def select_llm_pruner(m: Measurements, adapter: Adapter, cfg, budget: int):
                           range(start, stop), cfg.round_to)
 
 
-def _wanda_sp_metrics(model, adapter: Adapter, stats: ActivationStats):
-    d = adapter.dims()
+def _projection_metrics(model, adapter: Adapter, metric):
+    """``metric(kind, layer index, weight)`` of every layer's o_proj ("attn") and down_proj
+    ("mlp"), stacked per kind; offloaded weights are read back one layer at a time."""
     attn, mlp = [], []
     for i, layer in enumerate(adapter.layers(model)):
-        attn.append(wanda_sp_scores(layer.self_attn.o_proj.weight.detach().cpu(),
-                                    stats.norm("attn")[i], d.gqa_ratio * d.head_dim))
-        mlp.append(wanda_sp_scores(layer.mlp.down_proj.weight.detach().cpu(),
-                                   stats.norm("mlp")[i], 1))
+        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+        with onloaded([o_proj, down_proj]):
+            attn.append(metric("attn", i, o_proj.weight.detach().cpu()))
+            mlp.append(metric("mlp", i, down_proj.weight.detach().cpu()))
     return torch.stack(attn), torch.stack(mlp)
+
+
+def _wanda_sp_metrics(model, adapter: Adapter, stats: ActivationStats):
+    d = adapter.dims()
+    width = {"attn": d.gqa_ratio * d.head_dim, "mlp": 1}
+    return _projection_metrics(model, adapter, lambda kind, i, w: wanda_sp_scores(
+        w, stats.norm(kind)[i], width[kind]))
 
 
 def select_wanda_sp(m: Measurements, adapter: Adapter, cfg, budget: int, model):
@@ -151,13 +159,8 @@ def select_wanda_sp(m: Measurements, adapter: Adapter, cfg, budget: int, model):
 
 def flap_metrics(model, adapter: Adapter, stats: ActivationStats):
     d = adapter.dims()
-    layers = adapter.layers(model)
-    attn = torch.stack([fluctuation(stats.variance("attn")[i],
-                                    layer.self_attn.o_proj.weight.detach().cpu())
-                        for i, layer in enumerate(layers)])
-    mlp = torch.stack([fluctuation(stats.variance("mlp")[i],
-                                   layer.mlp.down_proj.weight.detach().cpu())
-                       for i, layer in enumerate(layers)])
+    attn, mlp = _projection_metrics(model, adapter, lambda kind, i, w: fluctuation(
+        stats.variance(kind)[i], w))
     return flap_scores(attn, mlp, d.gqa_ratio * d.head_dim)
 
 
