@@ -94,10 +94,9 @@ def main(argv=None) -> int:
     from hgsp.data import load_corpus
     from hgsp.modelio import load_model
     from hgsp.perplexity import perplexity
-    from hgsp.pipeline import count_params, decoder_params, measure, removal_budget, \
-        score_and_select, uses_compensation
+    from hgsp.pipeline import build_pruned, count_params, decoder_params, measure, \
+        removal_budget, score_and_select
     from hgsp.plan import plan_from_selection
-    from hgsp.surgery import apply_plan, compensation_biases
 
     torch.manual_seed(0)
     model_path = args.model or str(asset_paths()["model"])
@@ -130,11 +129,7 @@ def main(argv=None) -> int:
             table, info, sel = score_and_select(measured, adapter, cfg, budget, model)
             plan = plan_from_selection(table, sel, adapter.model_type, d.num_kv_heads,
                                        d.intermediate)
-            biases = None
-            if uses_compensation(cfg):
-                biases = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
-                                             measured.stats.mean("mlp"))
-            pruned = apply_plan(model, adapter, plan, biases)
+            pruned = build_pruned(model, adapter, plan, cfg, measured)
             row = {"variant": name, "ratio": ratio, "params": count_params(pruned),
                    "layers_kept": len(plan.kept_layers), **ppl(pruned)}
             rows.append(row)

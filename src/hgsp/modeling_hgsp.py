@@ -53,11 +53,12 @@ class ZeroMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+def _linear_like(old: nn.Linear, in_features: int, out_features: int,
+                 bias: bool | None = None) -> nn.Linear:
     return nn.Linear(
         in_features,
         out_features,
-        bias=old.bias is not None,
+        bias=old.bias is not None if bias is None else bias,
         device=old.weight.device,
         dtype=old.weight.dtype,
     )
@@ -81,9 +82,8 @@ def shrink_mlp(mlp: nn.Module, channels: int) -> None:
 
 
 def _with_bias(old: nn.Linear) -> nn.Linear:
-    return old if old.bias is not None else nn.Linear(
-        old.in_features, old.out_features, bias=True, device=old.weight.device,
-        dtype=old.weight.dtype)
+    return old if old.bias is not None else _linear_like(old, old.in_features,
+                                                         old.out_features, bias=True)
 
 
 def shrink_layers(model: nn.Module, config) -> None:

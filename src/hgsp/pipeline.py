@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .activations import collect_activation_stats
 from .adapters import Adapter, adapter_for
 from .analysis import removal_analysis
 from .cache import cache_key, cached, load_analysis, load_importance, store_analysis, \
@@ -29,7 +30,6 @@ from .outputs import layer_summary, write_group_tables, write_layer_summary, \
     write_removal_analysis
 from .plan import PruningPlan, plan_from_selection
 from .save import ResultsDir, save_pruned_model, write_json
-from .activations import collect_activation_stats
 from .methods import ACTIVATION_METHODS, IMPORTANCE_METHODS, Measurements, choose
 from .scoring import GroupTable, ScoreInfo
 from .selection import Selection
@@ -106,6 +106,16 @@ def bias_overhead(table: GroupTable, selection: Selection, adapter: Adapter) -> 
     return adapter.dims().hidden * int((narrowed & ~has_bias).sum())
 
 
+def build_pruned(model, adapter: Adapter, plan: PruningPlan, cfg: PruneConfig,
+                 measured: Measurements):
+    """The pruned model of ``plan``, with bias compensation when ``cfg`` asks for it."""
+    biases = None
+    if uses_compensation(cfg):
+        biases = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
+                                     measured.stats.mean("mlp"))
+    return apply_plan(model, adapter, plan, biases)
+
+
 def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig, budget: int,
                      model=None) -> tuple[GroupTable, ScoreInfo, Selection]:
     """Group table, scores and selection of ``cfg.method`` for a removal ``budget``.
@@ -166,7 +176,7 @@ def prune(cfg: PruneConfig) -> PruneResult:
     dtype = resolve_dtype(cfg.dtype, device)
     timer = StageTimer()
     needs_data = (cfg.method != "hgsp" or cfg.importance_method != "magnitude"
-                  or cfg.temperature > 0 or cfg.bias_compensation)
+                  or uses_analysis(cfg) or uses_compensation(cfg))
     with results, _run_log(results.path("logs", "run.log"), cfg.log_level):
         log.info("hgsp %s: pruning %s by %.1f%% (method %s, importance %s, T=%g, tau=%s, "
                  "epsilon=%g)", __version__, cfg.base_model, 100 * cfg.pruning_ratio, cfg.method,
@@ -194,11 +204,7 @@ def prune(cfg: PruneConfig) -> PruneResult:
                          "importance_method": cfg.importance_method,
                          "bias_compensation": uses_compensation(cfg)}
         with timer("surgery"):
-            biases = None
-            if uses_compensation(cfg):
-                biases = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
-                                             measured.stats.mean("mlp"))
-            pruned = apply_plan(model, adapter, plan, biases)
+            pruned = build_pruned(model, adapter, plan, cfg, measured)
         pruned_total = count_params(pruned)
         with timer("save"):
             # With --finetune, models/ gets the fine-tuned model and this one moves aside.
