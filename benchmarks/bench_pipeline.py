@@ -80,13 +80,14 @@ def naive_analysis(model, windows, batch_size: int) -> list[float]:
     """3L+1 full forwards: the base, each layer skipped, each block zeroed."""
     import torch
 
-    from hgsp.analysis import _removed, summed_nll
+    from hgsp.analysis import _removed, head_nll
 
-    def nll():
+    def nll():  # a full forward, scored by the same loss code as the cached way
         total = 0.0
         with torch.no_grad():
             for ids in torch.split(windows, batch_size):
-                total += summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
+                final = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                total += head_nll(model.lm_head, final, ids)
         return total
 
     out = [nll()]

@@ -105,3 +105,21 @@ def test_deltas_of_a_real_analysis_are_non_negative(windows):
         assert torch.all(d >= 0)
         for v, dv in zip(values, d.tolist()):
             assert dv == pytest.approx(max(v - res.base_ppl, 0.0), abs=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_nll_matches_cross_entropy_across_vocabulary_slices(monkeypatch, bias):
+    import hgsp.analysis as analysis
+
+    monkeypatch.setattr(analysis, "VOCAB_CHUNK", 7)  # 50 rows: 8 slices, the last one short
+    torch.manual_seed(3)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden, labels = torch.randn(3, 9, 16), torch.randint(0, 50, (3, 9))
+    logits = head(hidden)[:, :-1]
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum").item()
+    with torch.no_grad():
+        assert analysis.head_nll(head, hidden, labels) == pytest.approx(expected, rel=1e-5)
+        # Any other head module is called as a module, a few tokens at a time.
+        wrapped = torch.nn.Sequential(head)
+        assert analysis.head_nll(wrapped, hidden, labels) == pytest.approx(expected, rel=1e-5)

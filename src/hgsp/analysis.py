@@ -87,10 +87,56 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
         reduction="sum").item()
 
 
+# Vocabulary rows per step when scoring from hidden states. Sweeping the vocabulary in slices
+# keeps each slice of the head and its logits in cache, and never writes out a (tokens, vocab)
+# tensor, which would dominate the memory and the time of the removal analysis (the vocabulary
+# is far wider than the hidden size). 1024 was fastest of 1k-16k on the demo model.
+VOCAB_CHUNK = 1024
+
+
+def head_nll(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed next-token NLL from the decoder's final (normed) hidden states: position t
+    predicts ``labels[:, t + 1]``; the last position, which predicts nothing, is skipped.
+
+    Computed as logsumexp(logits) - target logit, the logsumexp accumulated over vocabulary
+    slices. A head that is not a plain resident linear (offloaded, quantized) is called as a
+    module on a few tokens at a time instead.
+    """
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    weight = getattr(lm_head, "weight", None)
+    if type(lm_head) is not nn.Linear or weight is None or weight.is_meta:
+        return _module_head_nll(lm_head, hidden, targets)
+    hidden = hidden.to(weight.device, weight.dtype)
+    targets = targets.to(weight.device)
+    bias = lm_head.bias
+    target_logit = (hidden * weight[targets]).sum(-1).float()
+    if bias is not None:
+        target_logit += bias[targets].float()
+    lse = None
+    for start in range(0, weight.shape[0], VOCAB_CHUNK):
+        rows = slice(start, start + VOCAB_CHUNK)
+        logits = torch.nn.functional.linear(
+            hidden, weight[rows], None if bias is None else bias[rows]).float()
+        part = torch.logsumexp(logits, dim=-1)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    return (lse - target_logit).sum().item()
+
+
+def _module_head_nll(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                     tokens: int = 256) -> float:
+    total = 0.0
+    for start in range(0, hidden.shape[0], tokens):
+        logits = lm_head(hidden[start:start + tokens]).float()
+        picked = logits.gather(-1, targets[start:start + tokens, None].to(logits.device))
+        total += (torch.logsumexp(logits, dim=-1) - picked.squeeze(-1)).sum().item()
+    return total
+
+
 def _nll(model, hidden: torch.Tensor, labels: torch.Tensor) -> float:
     """Summed next-token NLL of ``labels`` when the decoder starts from ``hidden``."""
     out = model.model(inputs_embeds=hidden, use_cache=False)
-    return summed_nll(model.lm_head(out.last_hidden_state), labels)
+    return head_nll(model.lm_head, out.last_hidden_state, labels)
 
 
 @torch.no_grad()
@@ -103,11 +149,11 @@ def _layer_inputs(model, adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor]
         for layer in adapter.layers(model)]
     try:
         dev = input_device(model)
-        logits = model(input_ids=ids.to(dev), use_cache=False).logits
+        final = model.model(input_ids=ids.to(dev), use_cache=False).last_hidden_state
     finally:
         for h in handles:
             h.remove()
-    return captured, summed_nll(logits, ids)
+    return captured, head_nll(model.lm_head, final, ids)
 
 
 @torch.no_grad()

@@ -87,6 +87,12 @@ def _check_finite(loss: torch.Tensor, what: str) -> None:
                         "or bfloat16, or shorter --seq_len")
 
 
+def _check_gradient(g: torch.Tensor) -> None:
+    if not torch.isfinite(g).all():
+        raise UserError("a calibration gradient is NaN or Inf (numerical overflow): "
+                        "rerun with --dtype float32 or bfloat16")
+
+
 def _gradient_stats(model, adapter, method, windows, batch_size, checkpointing,
                     sums_on_cpu: bool = False) -> dict:
     """Summed gradients (and Fisher diagonals for taylor_2nd) of every prunable linear.
@@ -111,9 +117,20 @@ def _gradient_stats(model, adapter, method, windows, batch_size, checkpointing,
         on_cpu = p.is_meta or sums_on_cpu
         return torch.zeros(p.shape, dtype=torch.float32, device="cpu" if on_cpu else p.device)
 
-    grad_sum = {(i, path, pname): zeros(getattr(lin, pname)) for i, path, pname, lin in entries}
-    fisher = {key: torch.zeros_like(g) for key, g in grad_sum.items()} \
-        if method == "taylor_2nd" else None
+    fisher_needed = method == "taylor_2nd"
+
+    def in_place(p):
+        # Autograd already sums a float32 parameter's gradient over backward passes in
+        # ``.grad``: using it as the sum saves a second copy of every prunable weight. The
+        # Fisher diagonal needs each batch's gradient, other dtypes float32 sums.
+        return not (fisher_needed or sums_on_cpu or p.is_meta) and p.dtype == torch.float32
+
+    grad_sum = {(i, path, pname): None if in_place(p := getattr(lin, pname)) else zeros(p)
+                for i, path, pname, lin in entries}
+    for *_, lin in linears:
+        for p in lin.parameters(recurse=False):
+            p.grad = None
+    fisher = {key: torch.zeros_like(g) for key, g in grad_sum.items()} if fisher_needed else None
     was_training = model.training
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -125,24 +142,29 @@ def _gradient_stats(model, adapter, method, windows, batch_size, checkpointing,
         for ids, mask, labels in tqdm(batches(windows, batch_size), total=total,
                                       desc=f"importance ({method})", leave=False):
             dev = input_device(model)
-            with grads.recording():
-                loss = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                             labels=labels.to(dev), use_cache=False).loss
-            _check_finite(loss, "calibration loss")
-            loss.backward()
-            for index, path, pname, lin in entries:
-                key = (index, path, pname)
-                g = grads.pop(lin, pname).float().to(grad_sum[key].device)
-                if not torch.isfinite(g).all():
-                    raise UserError("a calibration gradient is NaN or Inf (numerical overflow): "
-                                    "rerun with --dtype float32 or bfloat16")
-                grad_sum[key] += g
-                if fisher is not None:
-                    fisher[key] += g * g
+            # The gradient of the batch's mean loss, one window at a time: activations are held
+            # for one window only. Taylor_2nd squares each batch's gradient, so it runs whole.
+            step = 1 if fisher is None else ids.shape[0]
+            for start in range(0, ids.shape[0], step):
+                part = slice(start, start + step)
+                with grads.recording():
+                    loss = model(input_ids=ids[part].to(dev), attention_mask=mask[part].to(dev),
+                                 labels=labels[part].to(dev), use_cache=False).loss
+                _check_finite(loss, "calibration loss")
+                # Full windows: every window has the same number of predicted tokens.
+                (loss * (ids[part].shape[0] / ids.shape[0])).backward()
+                _pop_into(entries, grads, grad_sum, fisher)
             grads.clear()
             n_batches += 1
+        for index, path, pname, lin in entries:
+            if grad_sum[(index, path, pname)] is None:
+                grad_sum[(index, path, pname)] = g = grads.pop(lin, pname)
+                _check_gradient(g)
     finally:
         grads.close()
+        for *_, lin in linears:  # an error mid-way must not leave summed gradients behind
+            for p in lin.parameters(recurse=False):
+                p.grad = None
         if checkpointing:
             model.gradient_checkpointing_disable()
         model.train(was_training)
@@ -155,6 +177,20 @@ def _gradient_stats(model, adapter, method, windows, batch_size, checkpointing,
             item["fisher"] = fisher[(index, path, pname)] / n_batches
         stats.setdefault(index, {})[(path, pname)] = item
     return stats
+
+
+def _pop_into(entries, grads: "_BatchGrads", grad_sum: dict, fisher: dict | None) -> None:
+    """Move the last backward pass's gradients into the float32 sums (and Fisher diagonals);
+    parameters whose sum is their own ``.grad`` (``grad_sum`` entry None) are left alone."""
+    for index, path, pname, lin in entries:
+        key = (index, path, pname)
+        if grad_sum[key] is None:
+            continue  # summed in .grad, checked once at the end
+        g = grads.pop(lin, pname).float().to(grad_sum[key].device)
+        _check_gradient(g)
+        grad_sum[key] += g
+        if fisher is not None:
+            fisher[key] += g * g
 
 
 class _BatchGrads:
@@ -209,8 +245,8 @@ class _BatchGrads:
         """The gradient of ``lin.<pname>`` from the last backward pass (and forget it)."""
         if id(lin) in self._offloaded:
             # Dropping each copy once read frees it (and its gradient) as the loop goes on.
-            found = [g for seen in self._seen.get(id(lin), [])
-                     if (g := seen.pop(pname).grad) is not None]
+            copies = [seen.pop(pname, None) for seen in self._seen.get(id(lin), [])]
+            found = [c.grad for c in copies if c is not None and c.grad is not None]
             grad = sum(found[1:], found[0]) if found else None
         else:
             p = getattr(lin, pname)
