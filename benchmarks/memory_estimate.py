@@ -21,15 +21,18 @@ Stages, as the code does them (the base model stays in memory for the whole run)
   model from the safetensors files, so nothing else is kept. (A GGUF file is first de-quantized
   to a float32 model: add P·4 while both exist.)
 - calibration (``importance._gradient_stats``, taylor): requires_grad only on the prunable
-  linears, so no gradients for embeddings and norms. Held throughout: W and the float32 sums
-  S = P_lin·4 (taylor_2nd adds the Fisher sums, P_lin·4, and at the end divides them into a new
-  tensor, another P_lin·4). The rest of the peak is the larger of the two ends of the backward
-  pass (in between, activations are freed as gradients appear, so the sum is linear and its
-  maximum is at an end):
-    * start: the activations autograd saved for the batch plus the loss;
-    * end: every p.grad in the model dtype, G = P_lin·b, plus the loop's temporaries on the
-      largest matrix M (``p.grad.float()``: 4·M in bf16, none in fp32; ``isfinite``: 1·M;
-      taylor_2nd's ``g*g``: 4·M).
+  linears of one group of layers (``--gradient_passes`` N: one pass per group, the largest
+  group's share g = ceil(L/N)/L), so no gradients for embeddings, norms or other groups. A
+  gradient batch runs one window at a time (T tokens; taylor_2nd runs it whole, B·T). Held
+  throughout: W and the float32 sums S = g·P_lin·4; a float32 model sums in its own ``.grad``,
+  so that is all, plus one window's activations and loss. Other dtypes (and
+  ``--gradient_sums_on_cpu``) also hold one window's gradients in the model dtype, G = g·P_lin·b,
+  with the loop's temporaries on the largest matrix M (``p.grad.float()``: 4·M in bf16;
+  ``isfinite``: 1·M); taylor_2nd adds the Fisher sums (S again, and at the end divides them into
+  a new tensor, another S) and its ``g*g`` (4·M). Where both exist, the peak is the larger of
+  the two ends of the backward pass (in between, activations are freed as gradients appear):
+    * start: the activations autograd saved for the window plus the loss;
+    * end: the gradients and the loop temporaries.
   Activations per token and layer without checkpointing (transformers' LlamaDecoderLayer with
   SDPA): a_layer = 2·(4h + 4) [the two RMSNorms keep their float32 input and 1/rms] + 2·h·b
   [normed inputs of q/k/v and of gate/up] + (nq·d + 2·nkv·d)·b [SDPA's q, k and v after RoPE;
@@ -40,16 +43,17 @@ Stages, as the code does them (the base model stays in memory for the whole run)
   random model; layer 0 saves 4h + 4 less, its input needing no gradient).
   No attention matrix is kept (SDPA's flash / memory-efficient kernels; the eager
   implementation would add 2·nq·T·b per token and layer).
-  Without checkpointing: A = B·T·(L·a_layer + 4h); with --use_gradient_checkpointing (whole
-  decoder layers, non-reentrant): A = B·T·(L·h·b + a_layer + 4h): every layer keeps only its
+  Without checkpointing: A = T·(L·a_layer + 4h); with --use_gradient_checkpointing (whole
+  decoder layers, non-reentrant): A = T·(L·h·b + a_layer + 4h): every layer keeps only its
   input and one layer is recomputed at a time. Plus the backward's working set on one layer,
-  B·T·(3·I + 2·h)·b, and the loss: B·T·V·(12 + b) bytes in bf16, B·T·V·12 in fp32 (float32
+  T·(3·I + 2·h)·b, and the loss: T·V·(12 + b) bytes in bf16, T·V·12 in fp32 (float32
   log-softmax kept for the backward, its gradient and the logits' gradient, plus the cast back).
 - analysis (``analysis.removal_analysis``, no gradients): W, the inputs of all L layers for one
   batch of Ba windows (L·Ba·T·h·b), twice when there are two or more batches (the previous
   batch's list is still referenced while the next one is captured), the largest transient of one
-  layer (Ba·T·(3·I + 4·h)·b) and the logits with their float32 copy and log-softmax,
-  Ba·T·V·(b + 8).
+  layer (Ba·T·(3·I + 4·h)·b) and one vocabulary slice of logits (``analysis.head_nll``: 1,024
+  rows) with its float32 copy and exp, Ba·T·1024·(b + 8), plus the gathered target rows of the
+  head, Ba·T·h·b.
 - surgery (``surgery.apply_plan``): W plus the pruned model, which is built from sliced copies
   into a meta-initialised model (no second copy): W_pruned = (1 − r)·P·b, plus V·h·b for a model
   with tied embeddings (the embedding and lm_head entries of the state dict are cloned
@@ -91,8 +95,8 @@ BUILT_IN = {"Llama-3-8B": LLAMA_3_8B, "Llama-3-70B": LLAMA_3_70B}
 
 def _defaults() -> dict:
     """The calibration and analysis defaults of ``hgsp prune`` (read from PruneConfig)."""
-    names = {"gradient_batch_size": 4, "seq_len": 128, "analysis_batch_size": 8,
-             "analysis_samples": 16, "pruning_ratio": 0.5}
+    names = {"gradient_batch_size": 4, "gradient_passes": 2, "seq_len": 128,
+             "analysis_batch_size": 8, "analysis_samples": 16, "pruning_ratio": 0.5}
     try:
         sys.path.insert(0, str(ROOT / "src"))
         from hgsp.config import PruneConfig
@@ -164,57 +168,70 @@ def activations_per_token_layer(s: Shape, b: int) -> int:
 
 
 def estimate(s: Shape, dtype: str, batch: int, seq_len: int, analysis_batch: int,
-             analysis_samples: int, ratio: float) -> dict:
+             analysis_samples: int, ratio: float, passes: int = 1) -> dict:
     """Every stage's peak in bytes, with the terms it is made of."""
     b = DTYPE_BYTES[dtype]
     P, P_lin, M = s.total_params(), s.prunable_params(), s.largest_matrix()
     W = P * b
-    tokens = batch * seq_len
     a_layer = activations_per_token_layer(s, b)
-    loss = tokens * s.vocab * (12 + (b if b < 4 else 0))
-    work = tokens * (3 * s.intermediate + 2 * s.hidden) * b
-    acts = {"plain": tokens * (s.layers * a_layer + 4 * s.hidden) + work + loss,
-            "checkpointing": tokens * (s.layers * s.hidden * b + a_layer + 4 * s.hidden)
-            + work + loss}
-    G = P_lin * b
+
+    def acts(tokens: int) -> dict:
+        loss = tokens * s.vocab * (12 + (b if b < 4 else 0))
+        work = tokens * (3 * s.intermediate + 2 * s.hidden) * b
+        return {"plain": tokens * (s.layers * a_layer + 4 * s.hidden) + work + loss,
+                "checkpointing": tokens * (s.layers * s.hidden * b + a_layer + 4 * s.hidden)
+                + work + loss}
+
+    # taylor runs a gradient batch one window at a time; taylor_2nd runs it whole.
+    window, whole = acts(seq_len), acts(batch * seq_len)
+    # One pass per group of layers: the largest group's share of the prunable linears.
+    group = -(-s.layers // max(1, min(passes, s.layers))) / s.layers
+    G = round(P_lin * group) * b
+    S = round(P_lin * group) * 4
     loop_tmp = (4 * M if b < 4 else 0) + M  # p.grad.float() copy, isfinite mask
-    S = P_lin * 4
 
     def calibration(act: int, second_order: bool, sums_on_cpu: bool = False) -> dict:
         sums = 2 * S if second_order else S
-        end = G + loop_tmp + (4 * M if second_order else 0)
+        if b == 4 and not (second_order or sums_on_cpu):
+            # float32: the sums are the parameters' own .grad, there is no second copy
+            end = M  # the isfinite mask of the final check
+        else:
+            end = G + loop_tmp + (4 * M if second_order else 0)
         # --gradient_sums_on_cpu: the sums live in host memory, the device holds the rest
         peak = W + (0 if sums_on_cpu else sums) + max(act, end)
         if second_order and not sums_on_cpu:  # after the loop: sums, Fisher, Fisher / n
             peak = max(peak, W + 3 * S)
         return {"bytes": peak, "weights": W, "grad_sums_fp32": sums, "activations_and_loss": act,
-                "grads_model_dtype_and_loop_temporaries": end, "sums_on_cpu": sums_on_cpu}
+                "grads_model_dtype_and_loop_temporaries": end, "sums_on_cpu": sums_on_cpu,
+                "layer_share_per_pass": group}
 
-    # Batch tokens (B·T) above which the activations, not the gradients, set the peak, i.e.
-    # where --use_gradient_checkpointing starts to lower it.
+    # Window length (T: taylor runs one window at a time) above which the activations, not
+    # the gradients, set the peak, i.e. where --use_gradient_checkpointing starts to lower it.
     per_token = (s.layers * a_layer + 4 * s.hidden + (3 * s.intermediate + 2 * s.hidden) * b
                  + s.vocab * (12 + (b if b < 4 else 0)))
-    crossover = -(-(G + loop_tmp) // per_token)
+    crossover = -(-(G + loop_tmp) // per_token) if b < 4 else 0
     n_analysis_batches = -(-analysis_samples // analysis_batch)
     a_tokens = analysis_batch * seq_len
     cached = min(2, n_analysis_batches) * s.layers * a_tokens * s.hidden * b
     analysis_tmp = a_tokens * (3 * s.intermediate + 4 * s.hidden) * b
-    analysis_logits = a_tokens * s.vocab * (b + 8)
+    # logits of one vocabulary slice (analysis.VOCAB_CHUNK rows), float32 copy and exp, and
+    # the gathered target rows of the head
+    analysis_logits = a_tokens * min(s.vocab, 1024) * (b + 8) + a_tokens * s.hidden * b
     W_pruned = round((1 - ratio) * P) * b
     tied_tmp = s.vocab * s.hidden * b if s.tied else 0
     return {
         "load": {"bytes": W, "weights": W},
-        "calibration": calibration(acts["plain"], False),
-        "calibration_checkpointing": calibration(acts["checkpointing"], False),
-        "calibration_taylor_2nd": calibration(acts["plain"], True),
-        "calibration_sums_on_cpu": calibration(acts["plain"], False, sums_on_cpu=True),
+        "calibration": calibration(window["plain"], False),
+        "calibration_checkpointing": calibration(window["checkpointing"], False),
+        "calibration_taylor_2nd": calibration(whole["plain"], True),
+        "calibration_sums_on_cpu": calibration(window["plain"], False, sums_on_cpu=True),
         "analysis": {"bytes": W + cached + analysis_tmp + analysis_logits, "weights": W,
                      "cached_layer_inputs": cached, "layer_transient": analysis_tmp,
                      "logits": analysis_logits},
         "surgery": {"bytes": W + W_pruned + tied_tmp, "weights": W, "pruned_weights": W_pruned,
                     "tied_embedding_clone": tied_tmp},
         "save": {"bytes": W + W_pruned, "weights": W, "pruned_weights": W_pruned},
-        "checkpointing_lowers_calibration_peak_above_batch_tokens": crossover,
+        "checkpointing_lowers_calibration_peak_above_window_tokens": crossover,
     }
 
 
@@ -252,6 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--batch", type=int, default=d["gradient_batch_size"],
                         help="--gradient_batch_size (default: hgsp's)")
+    parser.add_argument("--passes", type=int, default=d["gradient_passes"],
+                        help="--gradient_passes (default: hgsp's)")
     parser.add_argument("--seq_len", type=int, default=d["seq_len"])
     parser.add_argument("--analysis_batch", type=int, default=d["analysis_batch_size"])
     parser.add_argument("--analysis_samples", type=int, default=d["analysis_samples"])
@@ -271,7 +290,8 @@ def main(argv=None) -> int:
         cfg = json.loads(path.read_text())
         configs[path.parent.name if path.name == "config.json" else path.stem] = cfg
 
-    settings = {"gradient_batch_size": args.batch, "seq_len": args.seq_len,
+    settings = {"gradient_batch_size": args.batch, "gradient_passes": args.passes,
+                "seq_len": args.seq_len,
                 "analysis_batch_size": args.analysis_batch,
                 "analysis_samples": args.analysis_samples, "pruning_ratio": args.ratio}
     results = {"settings": settings, "unit": "bytes", "models": {}}
@@ -281,17 +301,19 @@ def main(argv=None) -> int:
             "shape": asdict(shape), "parameters": shape.total_params(),
             "prunable_parameters": shape.prunable_params(),
             "stages": {dt: estimate(shape, dt, args.batch, args.seq_len, args.analysis_batch,
-                                    args.analysis_samples, args.ratio) for dt in dtypes}}
+                                    args.analysis_samples, args.ratio, args.passes)
+                       for dt in dtypes}}
 
-    print(f"Peak memory per stage, GiB (batch {args.batch} x {args.seq_len} tokens, analysis "
-          f"batch {args.analysis_batch}, ratio {args.ratio}):\n")
+    print(f"Peak memory per stage, GiB (batch {args.batch} x {args.seq_len} tokens, "
+          f"{args.passes} gradient passes, analysis batch {args.analysis_batch}, ratio "
+          f"{args.ratio}):\n")
     print(markdown(results, dtypes))
     for name, entry in results["models"].items():
-        key = "checkpointing_lowers_calibration_peak_above_batch_tokens"
+        key = "checkpointing_lowers_calibration_peak_above_window_tokens"
         cross = ", ".join(f"{dt} {entry['stages'][dt][key]:,}" for dt in dtypes)
         print(f"\n{name}: {entry['parameters']:,} parameters, {entry['prunable_parameters']:,} "
               f"in prunable linears; gradient checkpointing lowers the calibration peak only "
-              f"above batch x seq_len = {cross} tokens")
+              f"above --seq_len = {cross} tokens (0: at any length)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -296,3 +296,29 @@ def test_gradient_sums_on_cpu_give_the_same_importance(windows):
     expected = compute_importance(model, adapter, "taylor_2nd", windows, BATCH)
     actual = compute_importance(model, adapter, "taylor_2nd", windows, BATCH, sums_on_cpu=True)
     assert torch.equal(actual.attn, expected.attn) and torch.equal(actual.mlp, expected.mlp)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["taylor", "taylor_2nd"])
+def test_gradient_passes_give_the_same_importance(windows, arch, method):
+    # One pass per group of layers: the gradients of a layer do not depend on which other
+    # layers require them, so the importances match a single pass.
+    model = tiny_model(arch)
+    adapter = adapter_for(model.config)
+    expected = compute_importance(model, adapter, method, windows, BATCH)
+    actual = compute_importance(model, adapter, method, windows, BATCH, passes=3)
+    torch.testing.assert_close(actual.attn, expected.attn, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(actual.mlp, expected.mlp, rtol=1e-5, atol=1e-9)
+    assert (actual.mlp.abs().sum(dim=1) > 0).all()  # every layer's group was covered
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_layer_groups_cover_every_layer_once():
+    from hgsp.importance import layer_groups
+
+    groups = layer_groups(30, 4)
+    assert [len(g) for g in groups] == [8, 7, 7, 8] and groups[0][-1] == 29
+    assert sorted(i for g in groups for i in g) == list(range(30))
+    assert layer_groups(3, 8) == [range(2, 3), range(1, 2), range(0, 1)]
+    with pytest.raises(UserError, match="--gradient_passes"):
+        layer_groups(30, 0)

@@ -64,7 +64,12 @@ class PruneConfig:
     importance_method: str = _f("taylor", "group importance", choices=IMPORTANCE_METHODS)
     num_examples: int = _f(32, "calibration windows for the importance")
     seq_len: int = _f(128, "tokens per calibration / analysis window")
-    gradient_batch_size: int = _f(4, "windows per forward/backward pass")
+    gradient_batch_size: int = _f(4, "windows per gradient batch: the loss is the mean over "
+                                     "a batch (its windows run one at a time, so this does not "
+                                     "change memory)")
+    gradient_passes: int = _f(2, "split the layers into N groups, one calibration pass each: "
+                                 "the gradient sums held at once shrink N-fold, same "
+                                 "importances, more forward passes")
     use_gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass "
                                                  "(less memory, slower)")
     gradient_sums_on_cpu: bool = _f(False, "keep the float32 gradient sums of the importance in "
@@ -168,7 +173,8 @@ class PruneConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"unknown --{f.name} '{getattr(self, f.name)}': use one of "
                                 f"{', '.join(choices)}")
-        for name in ("round_to", "num_examples", "seq_len", "gradient_batch_size", "analysis_samples",
+        for name in ("round_to", "num_examples", "seq_len", "gradient_batch_size",
+                     "gradient_passes", "analysis_samples",
                      "analysis_batch_size", "finetune_samples", "lora_r"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer")

@@ -59,7 +59,7 @@ def input_device(model: nn.Module) -> torch.device:
 def compute_importance(model: nn.Module, adapter: Adapter, method: str,
                        windows: torch.Tensor | None, batch_size: int,
                        gradient_checkpointing: bool = False,
-                       sums_on_cpu: bool = False) -> Importance:
+                       sums_on_cpu: bool = False, passes: int = 1) -> Importance:
     """Importance of every attention group and MLP channel of ``model``.
 
     Args:
@@ -68,17 +68,37 @@ def compute_importance(model: nn.Module, adapter: Adapter, method: str,
         gradient_checkpointing: trade compute for activation memory in the backward pass.
         sums_on_cpu: keep the float32 gradient sums in CPU memory instead of beside the
             weights: the GPU then holds only the model and one pass's gradients.
+        passes: gradient methods only: split the decoder layers into this many contiguous
+            groups, with one pass over the calibration windows each, so that the gradient sums
+            of one group only are held at a time. The importances are the same; the cost is
+            the extra forward passes (each backward stops at the first layer of its group).
     """
     if method not in METHODS:
         raise UserError(f"unknown importance method '{method}': use one of {', '.join(METHODS)}")
-    stats: dict[int, dict] = {}
     tokens = 0 if windows is None else windows.numel()
-    if method in GRADIENT_METHODS:
-        stats = _gradient_stats(model, adapter, method, windows, batch_size, gradient_checkpointing,
-                                sums_on_cpu)
-    elif method == "wanda":
-        stats = _input_norms(model, adapter, windows, batch_size)
-    return _reduce(model, adapter, method, stats, tokens)
+    d = adapter.dims()
+    n_layers = len(adapter.layers(model))
+    out = Importance(attn=torch.zeros(n_layers, d.num_kv_heads),
+                     mlp=torch.zeros(n_layers, d.intermediate), method=method, tokens=tokens)
+    if method not in GRADIENT_METHODS:
+        stats = _input_norms(model, adapter, windows, batch_size) if method == "wanda" else {}
+        _reduce_into(out, model, adapter, stats, range(n_layers))
+        return out
+    for layers in layer_groups(n_layers, passes):
+        stats = _gradient_stats(model, adapter, method, windows, batch_size,
+                                gradient_checkpointing, sums_on_cpu, layers)
+        _reduce_into(out, model, adapter, stats, layers)
+        del stats  # frees this group's sums before the next pass
+    return out
+
+
+def layer_groups(n_layers: int, passes: int) -> list[range]:
+    """``passes`` contiguous, near-equal groups of layer indices, the last layers first."""
+    if passes < 1:
+        raise UserError(f"--gradient_passes must be at least 1, got {passes}")
+    passes = min(passes, n_layers)
+    bounds = [round(i * n_layers / passes) for i in range(passes + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])][::-1]
 
 
 def _check_finite(loss: torch.Tensor, what: str) -> None:
@@ -94,15 +114,18 @@ def _check_gradient(g: torch.Tensor) -> None:
 
 
 def _gradient_stats(model, adapter, method, windows, batch_size, checkpointing,
-                    sums_on_cpu: bool = False) -> dict:
-    """Summed gradients (and Fisher diagonals for taylor_2nd) of every prunable linear.
+                    sums_on_cpu: bool = False, layers=None) -> dict:
+    """Summed gradients (and Fisher diagonals for taylor_2nd) of the prunable linears of
+    ``layers`` (default: all); only they require gradients, so the backward pass stops at the
+    first of them.
 
     Works on a model dispatched by accelerate (``--device_map``): the sums of a linear whose
     weights live on another GPU stay on that GPU, and those of a linear offloaded to the CPU or
     disk (its parameters are meta tensors between forwards) are kept on the CPU, fed by the
     gradients of the weights accelerate materialises for each forward (:class:`_BatchGrads`).
     """
-    linears = list(layer_linears(model, adapter))
+    linears = [item for item in layer_linears(model, adapter)
+               if layers is None or item[0] in layers]
     entries = [(index, path, pname, lin) for index, path, *_, lin in linears
                for pname, _ in lin.named_parameters()]
     # Flags by module and name: an offloaded parameter object is replaced at every forward.
@@ -320,15 +343,13 @@ def _input_norms(model, adapter, windows, batch_size) -> dict:
 
 
 @torch.no_grad()
-def _reduce(model, adapter, method, stats, tokens) -> Importance:
+def _reduce_into(out: Importance, model, adapter, stats: dict, layers) -> None:
+    """Add the group importances of ``layers`` (from their ``stats``) into ``out``."""
     d = adapter.dims()
     widths = {"q": d.gqa_ratio * d.head_dim, "kv": d.head_dim, "ch": 1}
-    n_layers = len(adapter.layers(model))
-    attn = torch.zeros(n_layers, d.num_kv_heads)
-    mlp = torch.zeros(n_layers, d.intermediate)
-    for index, path, axis, key, lin in tqdm(list(layer_linears(model, adapter)),
-                                            desc="group importance", leave=False):
-        target = attn if path.startswith("self_attn") else mlp
+    todo = [item for item in layer_linears(model, adapter) if item[0] in layers]
+    for index, path, axis, key, lin in tqdm(todo, desc="group importance", leave=False):
+        target = out.attn if path.startswith("self_attn") else out.mlp
         with onloaded([lin], "cpu"):  # where the sums of offloaded weights are
             for pname, p in lin.named_parameters():
                 # A bias lies along the output rows even for o/down, whose bias no group owns.
@@ -336,7 +357,6 @@ def _reduce(model, adapter, method, stats, tokens) -> Importance:
                     continue
                 extra = stats.get(index, {}).get((path, pname), {})
                 extra = {k: v.to(p.device) for k, v in extra.items()}
-                s = weight_salience(method, p.detach(), **extra)
+                s = weight_salience(out.method, p.detach(), **extra)
                 reduce = row_groups if axis == "rows" or pname == "bias" else col_groups
                 target[index] += reduce(s, widths[key]).cpu()
-    return Importance(attn=attn, mlp=mlp, method=method, tokens=tokens)

@@ -291,7 +291,7 @@ def _importance_stage(cfg: PruneConfig, model, adapter: Adapter, cal, dtype):
                         tokens=None if windows is None else tensor_digest(windows))
     importance, _ = cached(load_importance, store_importance, key, lambda: compute_importance(
         model, adapter, cfg.importance_method, windows, cfg.gradient_batch_size,
-        cfg.use_gradient_checkpointing, cfg.gradient_sums_on_cpu))
+        cfg.use_gradient_checkpointing, cfg.gradient_sums_on_cpu, cfg.gradient_passes))
     return importance
 
 
