@@ -5,7 +5,8 @@ Measures, each in a fresh child process (so peak memory is that run's own):
 1. a full pruning run at the defaults (stage times, peak RSS), with an empty cache;
 2. a second run at another ratio that reuses the cached importances and analysis;
 3. the removal analysis done the cached way (hgsp.analysis) and the naive way (a full forward
-   for each of the 3L+1 variants), on the same windows, and their ratio.
+   for each of the 3L+1 variants), on the same windows, alternated ``--analysis_repeats`` times;
+   the ratio of the fastest run of each.
 
     python benchmarks/bench_pipeline.py [--model PATH] [--ratio 0.5] [--out FILE]
 
@@ -55,7 +56,8 @@ def prune_run(model: str, ratio: float, results: str, name: str) -> dict:
     out = prune(PruneConfig(base_model=model, output_name=name, pruning_ratio=ratio,
                             dataset="c4", results_dir=results, log_level="WARNING"))
     return {"wall_s": time.perf_counter() - start, "stages_s": out.summary["timings_s"],
-            "achieved_ratio": out.summary["parameters"]["achieved_ratio_total"]}
+            "achieved_ratio": out.summary["parameters"]["achieved_ratio_total"],
+            "model_fp32_mb": out.summary["parameters"]["base_total"] * 4 / 2 ** 20}
 
 
 @contextmanager
@@ -100,7 +102,10 @@ def naive_analysis(model, windows, batch_size: int) -> list[float]:
     return out
 
 
-def analysis_run(model_path: str, samples: int, seq_len: int, batch: int) -> dict:
+def analysis_run(model_path: str, samples: int, seq_len: int, batch: int,
+                 repeats: int) -> dict:
+    import math
+
     import torch
 
     from hgsp.adapters import adapter_for
@@ -113,17 +118,20 @@ def analysis_run(model_path: str, samples: int, seq_len: int, batch: int) -> dic
     cal = build_calibration_set(loaded.tokenizer, corpus, 32, seq_len, samples, 42)
     torch.manual_seed(0)
     adapter = adapter_for(loaded.model.config)
-    start = time.perf_counter()
-    cached = removal_analysis(loaded.model, adapter, cal.analysis, batch)
-    cached_s = time.perf_counter() - start
-    start = time.perf_counter()
-    naive = naive_analysis(loaded.model, cal.analysis, batch)
-    naive_s = time.perf_counter() - start
+    # Alternate the two ways and keep each one's fastest run: on a shared machine the speed
+    # drifts by 10-20% over minutes, which one run of each would put into the ratio.
+    times: dict[str, list[float]] = {"cached": [], "naive": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        cached = removal_analysis(loaded.model, adapter, cal.analysis, batch)
+        times["cached"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        naive = naive_analysis(loaded.model, cal.analysis, batch)
+        times["naive"].append(time.perf_counter() - start)
+    cached_s, naive_s = min(times["cached"]), min(times["naive"])
     predicted = cal.analysis.shape[0] * (seq_len - 1)
-    import math
-
     return {"cached_s": cached_s, "naive_s": naive_s, "ratio": cached_s / naive_s,
-            "variants": 3 * len(adapter.layers(loaded.model)) + 1,
+            "runs_s": times, "variants": 3 * len(adapter.layers(loaded.model)) + 1,
             "same_base_ppl": abs(math.exp(naive[0] / predicted) - cached.base_ppl) < 1e-3 *
             cached.base_ppl, "windows": samples, "seq_len": seq_len}
 
@@ -135,6 +143,8 @@ def main() -> int:
     parser.add_argument("--model", default=str(asset_paths()["model"]))
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--second_ratio", type=float, default=0.3)
+    parser.add_argument("--analysis_repeats", type=int, default=2,
+                        help="cached/naive analysis timings, alternated; the fastest of each")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,7 +152,7 @@ def main() -> int:
         os.environ["HGSP_CACHE_DIR"] = str(Path(tmp) / "cache")  # start from an empty cache
         first = in_child(prune_run, args.model, args.ratio, tmp, "first")
         second = in_child(prune_run, args.model, args.second_ratio, tmp, "second")
-    analysis = in_child(analysis_run, args.model, 16, 128, 8)
+    analysis = in_child(analysis_run, args.model, 16, 128, 8, args.analysis_repeats)
     import torch
 
     report = {
@@ -169,9 +179,12 @@ def table(r: dict) -> str:
                     " | ".join(f"{run['stages_s'].get(k, 0):.1f}" for k in f["stages_s"]) +
                     f" | {run['peak_rss_mb']:.0f} |")
     rows.append("")
+    rows.append(f"peak RSS / fp32 model size ({f['model_fp32_mb']:.0f} MB): "
+                f"{f['peak_rss_mb'] / f['model_fp32_mb']:.2f} (empty cache), "
+                f"{s['peak_rss_mb'] / f['model_fp32_mb']:.2f} (cached)")
     rows.append(f"removal analysis ({a['variants']} variants, {a['windows']}×{a['seq_len']} "
-                f"tokens): cached {a['cached_s']:.1f} s, naive {a['naive_s']:.1f} s, "
-                f"ratio {a['ratio']:.2f}")
+                f"tokens, fastest of {len(a['runs_s']['cached'])} alternated runs): cached "
+                f"{a['cached_s']:.1f} s, naive {a['naive_s']:.1f} s, ratio {a['ratio']:.2f}")
     return "\n".join(rows)
 
 

@@ -36,6 +36,7 @@ ROWS = {
     "hgsp_tau_inf": ("H-GSP τ=∞ (layer-wise)", {"tau": float("inf")}),
     "hgsp_tau_0": ("H-GSP τ=0 (block-wise)", {"tau": 0.0}),
     "hgsp_tau_inf_eps0": ("H-GSP τ=∞ ε=0", {"tau": float("inf"), "epsilon": 0.0}),
+    "hgsp_norm_none": ("H-GSP without normalization", {"importance_norm": "none"}),
     "llm_pruner": ("LLM-Pruner", {"method": "llm_pruner"}),
     "wanda_sp": ("Wanda-sp", {"method": "wanda_sp"}),
     "flap": ("FLAP", {"method": "flap"}),

@@ -29,10 +29,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 # Every variant starts from the plain DESIGN.md score (no bias compensation, no block floor)
 # with hgsp's other defaults, so that each row shows what its own change does.
-PLAIN = {"bias_compensation": False, "block_floor": False, "collapse_scope": "all"}
+PLAIN = {"bias_compensation": False, "block_floor": False, "collapse_scope": "all",
+         "importance_norm": "none"}
 # name -> PruneConfig overrides on top of PLAIN
 VARIANTS = {
     "default": {},
+    # the defaults before --importance_norm (screen 6); "norm_block" is the current defaults
     "hgsp_defaults": {"bias_compensation": True, "block_floor": True,
                       "collapse_scope": "layer_dominant"},
     "t0": {"temperature": 0.0},
@@ -62,6 +64,24 @@ VARIANTS = {
     "floor_bc": {"block_floor": True, "bias_compensation": True},
     "floor_t2_bc": {"block_floor": True, "bias_compensation": True, "temperature": 2.0},
     "q75": {"tau_quantile": 0.75},
+    "norm_layer": {"bias_compensation": True, "block_floor": True,
+                   "collapse_scope": "layer_dominant", "importance_norm": "layer"},
+    "norm_block": {"bias_compensation": True, "block_floor": True,
+                   "collapse_scope": "layer_dominant", "importance_norm": "block"},
+    "norm_layer_tau_inf": {"bias_compensation": True, "importance_norm": "layer",
+                           "tau": float("inf")},
+    "norm_block_tau_inf": {"bias_compensation": True, "importance_norm": "block",
+                           "tau": float("inf")},
+    "norm_layer_plain": {"importance_norm": "layer"},
+    "norm_block_nofloor": {"bias_compensation": True, "collapse_scope": "layer_dominant",
+                           "importance_norm": "block"},
+    "norm_block_t2": {"bias_compensation": True, "block_floor": True, "temperature": 2.0,
+                      "collapse_scope": "layer_dominant", "importance_norm": "block"},
+    "norm_block_q50": {"bias_compensation": True, "block_floor": True, "tau_quantile": 0.5,
+                       "collapse_scope": "layer_dominant", "importance_norm": "block"},
+    "norm_block_nobc": {"block_floor": True, "collapse_scope": "layer_dominant",
+                        "importance_norm": "block"},
+    "norm_block_plain": {"importance_norm": "block"},
     "llm_pruner": {"method": "llm_pruner"},
     "wanda_sp": {"method": "wanda_sp"},
     "flap": {"method": "flap"},

@@ -14,7 +14,8 @@ import torch
 
 from conftest import tiny_model
 from hgsp.adapters import adapter_for
-from hgsp.scoring import ATTN, MLP, MODE_BLOCK, MODE_LAYER, MODE_NONE, hgsp_scores, layout
+from hgsp.scoring import ATTN, MLP, MODE_BLOCK, MODE_LAYER, MODE_NONE, hgsp_scores, layout, \
+    normalized_density
 from hgsp.selection import FixedCosts, greedy_knapsack, prunable_params, select
 
 # ---------------------------------------------------------------------------------------------
@@ -457,3 +458,31 @@ def test_collapse_only_where_allowed():
     kept = select(t, 13, fixed, 0.15, collapsible=torch.tensor([False, True]))
     assert kept.collapsed_layers == []
     assert not kept.layers_removed[0] and kept.removed_params == 13
+
+
+def test_importance_norm_divides_by_the_layer_or_block_density():
+    # 2 layers, 1 KV group (cost 10) + 2 channels (cost 2) each.
+    attn = torch.tensor([[4.0], [40.0]])
+    mlp = torch.tensor([[1.0, 3.0], [10.0, 30.0]])
+    table = layout(attn, mlp, attn_cost=10, mlp_cost=2)
+    # layer density: (4 + 1 + 3) / 14 in layer 0, 10x that in layer 1: both normalize alike.
+    layer = normalized_density(table, "layer")
+    expected0 = torch.tensor([0.4, 0.5, 1.5], dtype=torch.float64) / (8 / 14)
+    torch.testing.assert_close(layer[:3], expected0)
+    torch.testing.assert_close(layer[3:], expected0)
+    # block density: attention 0.4 (layer 0), MLP (1 + 3) / 4 = 1.
+    block = normalized_density(table, "block")
+    torch.testing.assert_close(block[:3], torch.tensor([1.0, 0.5, 1.5], dtype=torch.float64))
+    torch.testing.assert_close(normalized_density(table, "none"), table.importance / table.cost)
+
+
+def test_importance_norm_leaves_ranking_across_layers_to_delta():
+    attn = torch.tensor([[4.0], [40.0]])
+    mlp = torch.tensor([[1.0, 3.0], [10.0, 30.0]])
+    table = layout(attn, mlp, attn_cost=10, mlp_cost=2)
+    d = torch.tensor([5.0, 1.0])
+    hgsp_scores(table, 1.0, d, d, d, tau=math.inf, norm="layer")
+    # Layer 1 has 10x the importance but the smaller Δ: its groups now rank below layer 0's.
+    assert (table.score[3:] < table.score[:3]).all()
+    hgsp_scores(table, 0.0, norm="layer")  # T = 0 stays the plain importance per parameter
+    torch.testing.assert_close(table.score, table.importance / table.cost)

@@ -43,6 +43,10 @@ class PruneConfig:
                                  "percentile); layers with Δ_layer < τ are scored as whole layers")
     tau_quantile: float = _f(0.25, "the automatic τ: this quantile of the layer-removal Δ "
                                    "(used when --tau is not given)")
+    importance_norm: str = _f("block", "divide each group's importance per parameter by that "
+                                       "of its block (or layer) before the Δ factor, so Δ alone "
+                                       "ranks layers and blocks (T > 0 only; none = raw)",
+                              choices=("block", "layer", "none"))
     block_floor: bool = _f(True, "in Block-Dominant layers, count each block's Δ as at least "
                                   "τ, so no block of a sensitive layer looks cheaper than a "
                                   "removable (Layer-Dominant) layer", negatable=True)

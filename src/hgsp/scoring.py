@@ -62,10 +62,36 @@ def auto_tau(delta_layer: torch.Tensor, quantile: float = 0.25) -> float:
     return float(torch.quantile(delta_layer.double(), quantile))
 
 
+NORMS = ("none", "layer", "block")
+
+
+def normalized_density(table: GroupTable, norm: str = "none") -> torch.Tensor:
+    """``I / cost`` of every group, divided by the importance per parameter of its whole layer
+    (``layer``) or block (``block``): ``none`` leaves it as is.
+
+    Taylor importances are first-order estimates for one group removed alone; their scale
+    differs between layers far more than the harm of thinning those layers does. Normalized,
+    the density only ranks groups *within* a layer or block, and the ranking *across* layers is
+    left to the measured removal increments Δ of the H-GSP score.
+    """
+    base = table.importance / table.cost
+    if norm == "none" or len(table) == 0:
+        return base
+    if norm not in NORMS:
+        raise ValueError(f"unknown importance normalization {norm!r}")
+    slot = table.layer if norm == "layer" else table.layer * 2 + table.kind
+    n = int(slot.max()) + 1
+    importance = torch.bincount(slot, weights=table.importance, minlength=n)
+    cost = torch.bincount(slot, weights=table.cost.double(), minlength=n)
+    density = importance / cost
+    density = torch.where(density > 0, density, torch.ones_like(density))  # all-zero slot
+    return base / density[slot]
+
+
 def hgsp_scores(table: GroupTable, temperature: float, delta_layer: torch.Tensor | None = None,
                 delta_attn: torch.Tensor | None = None, delta_mlp: torch.Tensor | None = None,
                 tau: float | None = None, tau_quantile: float = 0.25,
-                block_floor: bool = False) -> ScoreInfo:
+                block_floor: bool = False, norm: str = "none") -> ScoreInfo:
     """Fill ``table.delta`` and ``table.score`` with ``S = I / cost * ln(1 + Δ)^T``.
 
     A layer whose Δ_layer is below τ is Layer-Dominant (all its groups use Δ_layer); the others
@@ -75,6 +101,9 @@ def hgsp_scores(table: GroupTable, temperature: float, delta_layer: torch.Tensor
     With ``block_floor`` a block of a Block-Dominant layer counts at least τ: such a layer was
     judged too sensitive to remove whole, so none of its blocks may look cheaper than the
     Layer-Dominant layers the gate marked as removable.
+
+    ``norm`` (see :func:`normalized_density`) applies to the hybrid score only: T = 0 stays
+    the plain importance per parameter.
     """
     base = table.importance / table.cost
     n_layers = int(table.layer.max()) + 1 if len(table) else 0
@@ -93,6 +122,6 @@ def hgsp_scores(table: GroupTable, temperature: float, delta_layer: torch.Tensor
     if block_floor and math.isfinite(tau):
         block_delta = block_delta.clamp(min=tau)
     table.delta = torch.where(layer_dominant[table.layer], delta_layer[table.layer], block_delta)
-    table.score = base * torch.log1p(table.delta).pow(temperature)
+    table.score = normalized_density(table, norm) * torch.log1p(table.delta).pow(temperature)
     modes = [MODE_LAYER if d else MODE_BLOCK for d in layer_dominant.tolist()]
     return ScoreInfo(tau=float(tau), temperature=float(temperature), modes=modes)
