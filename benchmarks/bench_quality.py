@@ -57,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--update", action="store_true",
                    help="keep the rows of OUT_DIR/quality.json (its base row included) and "
                         "replace only the ratio/row pairs run now")
+    p.add_argument("--speed_only", action="store_true",
+                   help="re-measure only the decode speed of every row of OUT_DIR/quality.json, "
+                        "in one session (rows measured at different times are not comparable "
+                        "on a shared machine); pruned models missing from WORK_DIR are pruned "
+                        "again first")
     p.add_argument("--work_dir", default=None, help="where the pruned models go (default: "
                                                       "OUT_DIR/runs)")
     return p.parse_args(argv)
@@ -106,6 +111,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
                  f"{windows['ptb']} PTB test windows; zero-shot: mean acc of piqa, hellaswag, "
                  f"winogrande, arc_easy on the first {settings['zeroshot_limit']} documents each; "
                  f"calibration: {settings['dataset']}, 32 windows of 128 tokens for every method.")
+    if settings.get("speed_remeasured"):
+        lines.append(f"Decode speed: every row measured again, one after the other, on "
+                     f"{settings['speed_remeasured'][:10]} (`--speed_only`).")
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +163,8 @@ def main(argv=None) -> int:
                             ppl_max_windows=args.ppl_max_windows,
                             zeroshot_tasks=["piqa", "hellaswag", "winogrande", "arc_easy"],
                             zeroshot_limit=args.zeroshot_limit, batch_sizes=(1,))
+    if args.speed_only:
+        return remeasure_speed(model_path, out_dir, work_dir, args)
     check_data(settings)  # fail now, not after the first runs, if evaluation data is missing
     names = list(ROWS) if args.rows == "all" else args.rows.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -177,9 +187,36 @@ def main(argv=None) -> int:
                    **evaluate(pruned.model, pruned.tokenizer, settings, str(folder))}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            _write(out_dir, _ordered(rows), args)
-    _write(out_dir, _ordered(rows), args)
+            _write(out_dir, _ordered(rows), vars(args))
+    _write(out_dir, _ordered(rows), vars(args))
     print(markdown(_ordered(rows), vars(args)))
+    return 0
+
+
+def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int:
+    """Decode tokens/s at batch 1 of every row again, one model after the other."""
+    import torch
+
+    from hgsp.evaluate import EvalSettings, evaluate_model
+    from hgsp.modelio import load_model
+
+    settings = EvalSettings(kinds=["efficiency"], batch_sizes=(1,))
+    previous = json.loads((out_dir / "quality.json").read_text())
+    rows = previous["rows"]
+    for row in rows:
+        folder = model_path
+        if row["ratio"] > 0:
+            run = work_dir / f"{row['row']}_r{row['ratio']:g}"
+            if not (run / "models" / "config.json").exists():
+                prune_row(model_path, row["row"], row["ratio"], args, work_dir)
+            folder = str(run / "models")
+        loaded = load_model(folder, torch.float32, "cpu", None)
+        eff = evaluate_model(loaded.model, loaded.tokenizer, settings, folder)["efficiency"]
+        row["decode_tok_s_b1"] = eff["speed"]["batch1"]["decode_tokens_per_s"]
+        print(f"{row['label']} {row['ratio']:g}: {row['decode_tok_s_b1']:.1f} tok/s", flush=True)
+    kept = {**previous["settings"], "speed_remeasured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write(out_dir, _ordered(rows), kept)
+    print(markdown(_ordered(rows), kept))
     return 0
 
 
@@ -189,17 +226,17 @@ def _ordered(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["ratio"], order.get(r.get("row"), -1)))
 
 
-def _write(out_dir: Path, rows: list[dict], args) -> None:
+def _write(out_dir: Path, rows: list[dict], settings: dict) -> None:
     import torch
     import transformers
 
-    doc = {"settings": vars(args), "machine": {"platform": platform.platform(),
+    doc = {"settings": settings, "machine": {"platform": platform.platform(),
                                                "cpus": os.cpu_count(),
                                                "torch": torch.__version__,
                                                "transformers": transformers.__version__},
            "rows": rows}
     (out_dir / "quality.json").write_text(json.dumps(doc, indent=1))
-    (out_dir / "quality.md").write_text(markdown(rows, vars(args)))
+    (out_dir / "quality.md").write_text(markdown(rows, settings))
     plot(rows, out_dir / "quality_vs_size.png")
 
 
