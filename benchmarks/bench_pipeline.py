@@ -6,9 +6,11 @@ Measures, each in a fresh child process (so peak memory is that run's own):
 2. a second run at another ratio that reuses the cached importances and analysis;
 3. the removal analysis done the cached way (hgsp.analysis) and the naive way (a full forward
    for each of the 3L+1 variants), on the same windows, alternated ``--analysis_repeats`` times;
-   the ratio of the fastest run of each.
+   the ratio of the fastest run of each. The naive way is timed twice over: scored with the
+   same vocabulary-sliced loss as the cached way (the ratio that isolates the caching), and
+   as plain forwards returning full logits, scored by cross-entropy.
 
-    python benchmarks/bench_pipeline.py [--model PATH] [--ratio 0.5] [--out FILE]
+    python benchmarks/bench_pipeline.py [--model PATH] [--ratio 0.5] [--out FILE] [--analysis_only]
 
 Writes JSON (default benchmarks/results/pipeline.json) and prints a Markdown table.
 """
@@ -102,6 +104,29 @@ def naive_analysis(model, windows, batch_size: int) -> list[float]:
     return out
 
 
+def naive_hf_analysis(model, windows, batch_size: int) -> list[float]:
+    """The plain way: 3L+1 ordinary forwards returning full logits, scored by cross-entropy."""
+    import torch
+
+    from hgsp.analysis import _removed, summed_nll
+
+    def nll():
+        total = 0.0
+        with torch.no_grad():
+            for ids in torch.split(windows, batch_size):
+                total += summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
+        return total
+
+    out = [nll()]
+    for index, layer in enumerate(list(model.model.layers)):
+        with _without_layer(model, index):
+            out.append(nll())
+        for kind in ("attn", "mlp"):
+            with _removed(layer, kind):
+                out.append(nll())
+    return out
+
+
 def analysis_run(model_path: str, samples: int, seq_len: int, batch: int,
                  repeats: int) -> dict:
     import math
@@ -120,7 +145,7 @@ def analysis_run(model_path: str, samples: int, seq_len: int, batch: int,
     adapter = adapter_for(loaded.model.config)
     # Alternate the two ways and keep each one's fastest run: on a shared machine the speed
     # drifts by 10-20% over minutes, which one run of each would put into the ratio.
-    times: dict[str, list[float]] = {"cached": [], "naive": []}
+    times: dict[str, list[float]] = {"cached": [], "naive": [], "naive_hf": []}
     for _ in range(repeats):
         start = time.perf_counter()
         cached = removal_analysis(loaded.model, adapter, cal.analysis, batch)
@@ -128,9 +153,16 @@ def analysis_run(model_path: str, samples: int, seq_len: int, batch: int,
         start = time.perf_counter()
         naive = naive_analysis(loaded.model, cal.analysis, batch)
         times["naive"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        naive_analysis_hf = naive_hf_analysis(loaded.model, cal.analysis, batch)
+        times["naive_hf"].append(time.perf_counter() - start)
     cached_s, naive_s = min(times["cached"]), min(times["naive"])
+    naive_hf_s = min(times["naive_hf"])
     predicted = cal.analysis.shape[0] * (seq_len - 1)
     return {"cached_s": cached_s, "naive_s": naive_s, "ratio": cached_s / naive_s,
+            "naive_hf_s": naive_hf_s, "ratio_vs_naive_hf": cached_s / naive_hf_s,
+            "same_base_ppl_hf": abs(math.exp(naive_analysis_hf[0] / predicted) -
+                                    cached.base_ppl) < 1e-3 * cached.base_ppl,
             "runs_s": times, "variants": 3 * len(adapter.layers(loaded.model)) + 1,
             "same_base_ppl": abs(math.exp(naive[0] / predicted) - cached.base_ppl) < 1e-3 *
             cached.base_ppl, "windows": samples, "seq_len": seq_len}
@@ -146,8 +178,17 @@ def main() -> int:
     parser.add_argument("--analysis_repeats", type=int, default=2,
                         help="cached/naive analysis timings, alternated; the fastest of each")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline.json"))
+    parser.add_argument("--analysis_only", action="store_true",
+                        help="rerun only the analysis timings, keeping the rest of --out")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.analysis_only:
+        report = json.loads(Path(args.out).read_text())
+        report["analysis"] = in_child(analysis_run, args.model, 16, 128, 8,
+                                      args.analysis_repeats)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(table(report))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["HGSP_CACHE_DIR"] = str(Path(tmp) / "cache")  # start from an empty cache
         first = in_child(prune_run, args.model, args.ratio, tmp, "first")
@@ -185,6 +226,9 @@ def table(r: dict) -> str:
     rows.append(f"removal analysis ({a['variants']} variants, {a['windows']}×{a['seq_len']} "
                 f"tokens, fastest of {len(a['runs_s']['cached'])} alternated runs): cached "
                 f"{a['cached_s']:.1f} s, naive {a['naive_s']:.1f} s, ratio {a['ratio']:.2f}")
+    if "naive_hf_s" in a:
+        rows.append(f"naive with plain forwards (full logits + cross-entropy) "
+                    f"{a['naive_hf_s']:.1f} s, ratio {a['ratio_vs_naive_hf']:.2f}")
     return "\n".join(rows)
 
 
