@@ -80,42 +80,30 @@ def _without_layer(model, index):
             config.layer_types = saved[1]
 
 
-def naive_analysis(model, windows, batch_size: int) -> list[float]:
+def sliced_loss(model, ids) -> float:
+    """A full forward, scored by the same vocabulary-sliced loss as the cached way."""
+    from hgsp.analysis import head_nll
+
+    return head_nll(model.lm_head, model.model(input_ids=ids, use_cache=False).last_hidden_state,
+                    ids)
+
+
+def plain_loss(model, ids) -> float:
+    """An ordinary forward returning full logits, scored by cross-entropy."""
+    from hgsp.analysis import summed_nll
+
+    return summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
+
+
+def naive_analysis(model, windows, batch_size: int, loss=sliced_loss) -> list[float]:
     """3L+1 full forwards: the base, each layer skipped, each block zeroed."""
     import torch
 
-    from hgsp.analysis import _removed, head_nll
-
-    def nll():  # a full forward, scored by the same loss code as the cached way
-        total = 0.0
-        with torch.no_grad():
-            for ids in torch.split(windows, batch_size):
-                final = model.model(input_ids=ids, use_cache=False).last_hidden_state
-                total += head_nll(model.lm_head, final, ids)
-        return total
-
-    out = [nll()]
-    for index, layer in enumerate(list(model.model.layers)):
-        with _without_layer(model, index):
-            out.append(nll())
-        for kind in ("attn", "mlp"):
-            with _removed(layer, kind):
-                out.append(nll())
-    return out
-
-
-def naive_hf_analysis(model, windows, batch_size: int) -> list[float]:
-    """The plain way: 3L+1 ordinary forwards returning full logits, scored by cross-entropy."""
-    import torch
-
-    from hgsp.analysis import _removed, summed_nll
+    from hgsp.analysis import _removed
 
     def nll():
-        total = 0.0
         with torch.no_grad():
-            for ids in torch.split(windows, batch_size):
-                total += summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
-        return total
+            return sum(loss(model, ids) for ids in torch.split(windows, batch_size))
 
     out = [nll()]
     for index, layer in enumerate(list(model.model.layers)):
@@ -154,7 +142,7 @@ def analysis_run(model_path: str, samples: int, seq_len: int, batch: int,
         naive = naive_analysis(loaded.model, cal.analysis, batch)
         times["naive"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        naive_analysis_hf = naive_hf_analysis(loaded.model, cal.analysis, batch)
+        naive_analysis_hf = naive_analysis(loaded.model, cal.analysis, batch, plain_loss)
         times["naive_hf"].append(time.perf_counter() - start)
     cached_s, naive_s = min(times["cached"]), min(times["naive"])
     naive_hf_s = min(times["naive_hf"])
