@@ -36,6 +36,18 @@ def test_perplexity_is_exp_mean_cross_entropy(arch):
     assert result["capped"] is False and result["seq_len"] == 8
 
 
+def test_perplexity_of_a_wrapped_model_uses_its_own_forward():
+    # A PEFT wrapper is scored from its logits (its .model is not a decoder), and its LoRA
+    # layers, initialized to a no-op, leave the number equal to the plain model's.
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (40,))
+    plain = perplexity_of_ids(model, ids, seq_len=8)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert perplexity_of_ids(wrapped, ids, seq_len=8)["ppl"] == pytest.approx(plain["ppl"],
+                                                                              rel=1e-6)
+
+
 def test_capped_perplexity_records_the_cap():
     model = tiny_model("llama")
     ids = torch.randint(3, 96, (80,))

@@ -15,7 +15,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import summed_nll
+from .analysis import head_nll, summed_nll
 from .data import Corpus, load_corpus
 from .errors import UserError
 
@@ -50,12 +50,32 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, max_windows: int |
     model.eval()
     for batch in tqdm(torch.split(windows, per_batch), desc=f"perplexity@{seq_len}", leave=False):
         batch = batch.to(device)
-        nll += summed_nll(model(input_ids=batch, use_cache=False).logits, batch)
+        nll += _batch_nll(model, batch)
         predicted += batch[:, 1:].numel()
     model.train(was_training)
     return {"ppl": math.exp(nll / predicted), "nll": nll, "predicted_tokens": predicted,
             "windows": n, "available_windows": available, "seq_len": seq_len,
             "max_windows": max_windows, "capped": n < available}
+
+
+def _batch_nll(model, batch: torch.Tensor) -> float:
+    """Summed NLL of one batch of windows.
+
+    A plain causal LM is scored from its final hidden states with the vocabulary-sliced head
+    (:func:`head_nll`): the same number as full logits, without the (tokens, vocab) tensor,
+    which is 0.8 GB per batch on a 49k vocabulary and a quarter of the time on a CPU. Anything
+    else (a PEFT wrapper, logit soft-capping) goes through its own forward.
+    """
+    from transformers import PreTrainedModel
+
+    decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    plain = (isinstance(model, PreTrainedModel) and isinstance(decoder, PreTrainedModel)
+             and type(model).__name__.endswith("ForCausalLM") and head is not None
+             and not getattr(model.config, "final_logit_softcapping", None))
+    if plain:
+        hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
+        return head_nll(head, hidden, batch)
+    return summed_nll(model(input_ids=batch, use_cache=False).logits, batch)
 
 
 def perplexity(model, tokenizer, dataset: str, seq_len: int, max_windows: int | None = None,
