@@ -62,6 +62,12 @@ def parse_args(argv=None):
                         "in one session (rows measured at different times are not comparable "
                         "on a shared machine); pruned models missing from WORK_DIR are pruned "
                         "again first")
+    p.add_argument("--ppl_only", action="store_true",
+                   help="evaluate only the perplexity of the rows of OUT_DIR/quality.json "
+                        "(base included; --rows and --ratios select), with --ppl_max_windows "
+                        "(none: the full test sets), writing after each row; rows already "
+                        "scored on the full test sets are skipped, so an interrupted run "
+                        "resumes")
     p.add_argument("--work_dir", default=None, help="where the pruned models go (default: "
                                                       "OUT_DIR/runs)")
     return p.parse_args(argv)
@@ -74,13 +80,17 @@ def evaluate(model, tokenizer, settings, folder=None) -> dict:
     eff = res["efficiency"]
     return {
         "params": eff["parameters"]["total"],
-        "wikitext2": res["ppl"]["wikitext2"]["128"]["ppl"],
-        "ptb": res["ppl"]["ptb"]["128"]["ppl"],
-        "ppl_windows": {d: res["ppl"][d]["128"]["windows"] for d in ("wikitext2", "ptb")},
+        **_ppl_fields(res["ppl"]),
         "zeroshot_mean": res["zeroshot"]["mean_acc"],
         "zeroshot": {t: r["acc"] for t, r in res["zeroshot"]["tasks"].items()},
         "decode_tok_s_b1": eff["speed"]["batch1"]["decode_tokens_per_s"],
     }
+
+
+def _ppl_fields(ppl: dict) -> dict:
+    return {"wikitext2": ppl["wikitext2"]["128"]["ppl"], "ptb": ppl["ptb"]["128"]["ppl"],
+            "ppl_windows": {d: ppl[d]["128"]["windows"] for d in ("wikitext2", "ptb")},
+            "ppl_full": not any(ppl[d]["128"]["capped"] for d in ("wikitext2", "ptb"))}
 
 
 def prune_row(model_path, name, ratio, args, work_dir):
@@ -100,21 +110,39 @@ def markdown(rows: list[dict], settings: dict) -> str:
     head = ("| ratio | method | params | achieved | layers kept | WikiText-2 ↓ | PTB ↓ | "
             "zero-shot mean ↑ | decode tok/s (b1) |")
     lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(f"| {r['ratio']:g} | {r['label']} | {r['params'] / 1e6:.2f} M | "
+    common, marks, notes = _window_marks(rows)
+    for i, r in enumerate(rows):
+        lines.append(f"| {r['ratio']:g} | {r['label']}{marks.get(i, '')} | "
+                     f"{r['params'] / 1e6:.2f} M | "
                      f"{r.get('achieved', 0):.2%} | {r.get('layers_kept', '')} | "
                      f"{r['wikitext2']:.2f} | {r['ptb']:.2f} | {r['zeroshot_mean']:.4f} | "
                      f"{r['decode_tok_s_b1']:.1f} |")
-    windows = rows[0]["ppl_windows"]
     lines.append("")
-    lines.append(f"Perplexity at 128 tokens on the first {windows['wikitext2']} WikiText-2 and "
-                 f"{windows['ptb']} PTB test windows; zero-shot: mean acc of piqa, hellaswag, "
-                 f"winogrande, arc_easy on the first {settings['zeroshot_limit']} documents each; "
-                 f"calibration: {settings['dataset']}, 32 windows of 128 tokens for every method.")
+    lines.append(f"Perplexity at 128 tokens on {common}.{notes} Zero-shot: mean acc of "
+                 f"piqa, hellaswag, winogrande, arc_easy on the first "
+                 f"{settings['zeroshot_limit']} documents each; calibration: "
+                 f"{settings['dataset']}, 32 windows of 128 tokens for every method.")
     if settings.get("speed_remeasured"):
         lines.append(f"Decode speed: every row measured again, one after the other, on "
                      f"{settings['speed_remeasured'][:10]} (`--speed_only`).")
     return "\n".join(lines) + "\n"
+
+
+def _windows_text(row: dict) -> str:
+    w = row["ppl_windows"]
+    scope = "all" if row.get("ppl_full") else "the first"
+    return f"{scope} {w['wikitext2']} WikiText-2 and {w['ptb']} PTB test windows"
+
+
+def _window_marks(rows: list[dict]) -> tuple[str, dict[int, str], str]:
+    """The test windows most rows were scored on, and a mark (with its footnote) for each row
+    scored on other windows, so that a partly rescored table says which numbers compare."""
+    texts = [_windows_text(r) for r in rows]
+    common = max(sorted(set(texts)), key=texts.count)
+    others = sorted(set(texts) - {common})
+    marks = {i: "†" * (others.index(t) + 1) for i, t in enumerate(texts) if t != common}
+    notes = "".join(f" {'†' * (k + 1)} {t}." for k, t in enumerate(others))
+    return common, marks, notes
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -165,6 +193,8 @@ def main(argv=None) -> int:
                             zeroshot_limit=args.zeroshot_limit, batch_sizes=(1,))
     if args.speed_only:
         return remeasure_speed(model_path, out_dir, work_dir, args)
+    if args.ppl_only:
+        return rescore_perplexity(model_path, out_dir, work_dir, args)
     check_data(settings)  # fail now, not after the first runs, if evaluation data is missing
     names = list(ROWS) if args.rows == "all" else args.rows.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -204,18 +234,50 @@ def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int
     previous = json.loads((out_dir / "quality.json").read_text())
     rows = previous["rows"]
     for row in rows:
-        folder = model_path
-        if row["ratio"] > 0:
-            run = work_dir / f"{row['row']}_r{row['ratio']:g}"
-            if not (run / "models" / "config.json").exists():
-                prune_row(model_path, row["row"], row["ratio"], args, work_dir)
-            folder = str(run / "models")
+        folder = _row_folder(model_path, row, args, work_dir)
         loaded = load_model(folder, torch.float32, "cpu", None)
         eff = evaluate_model(loaded.model, loaded.tokenizer, settings, folder)["efficiency"]
         row["decode_tok_s_b1"] = eff["speed"]["batch1"]["decode_tokens_per_s"]
         print(f"{row['label']} {row['ratio']:g}: {row['decode_tok_s_b1']:.1f} tok/s", flush=True)
     kept = {**previous["settings"], "speed_remeasured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write(out_dir, _ordered(rows), kept)
+    print(markdown(_ordered(rows), kept))
+    return 0
+
+
+def _row_folder(model_path: str, row: dict, args, work_dir: Path) -> str:
+    """The saved model of a row of quality.json, pruned again if it is missing."""
+    if row["ratio"] == 0:
+        return model_path
+    run = work_dir / f"{row['row']}_r{row['ratio']:g}"
+    if not (run / "models" / "config.json").exists():
+        prune_row(model_path, row["row"], row["ratio"], args, work_dir)
+    return str(run / "models")
+
+
+def rescore_perplexity(model_path: str, out_dir: Path, work_dir: Path, args) -> int:
+    """WikiText-2 and PTB perplexity of the rows again, one row at a time."""
+    import torch
+
+    from hgsp.evaluate import EvalSettings, evaluate_model
+    from hgsp.modelio import load_model
+
+    settings = EvalSettings(kinds=["ppl"], ppl_max_windows=args.ppl_max_windows)
+    previous = json.loads((out_dir / "quality.json").read_text())
+    rows = previous["rows"]
+    names = None if args.rows == "all" else set(args.rows.split(","))
+    ratios = {float(r) for r in args.ratios.split(",")} | {0.0}
+    kept = {**previous["settings"], "ppl_max_windows": args.ppl_max_windows}
+    for row in rows:
+        selected = row["ratio"] in ratios and (names is None or row.get("row", "base") in names)
+        if not selected or (args.ppl_max_windows is None and row.get("ppl_full")):
+            continue
+        folder = _row_folder(model_path, row, args, work_dir)
+        loaded = load_model(folder, torch.float32, "cpu", None)
+        row.update(_ppl_fields(evaluate_model(loaded.model, loaded.tokenizer, settings)["ppl"]))
+        print(f"{row['label']} {row['ratio']:g}: {row['wikitext2']:.2f} / {row['ptb']:.2f} "
+              f"({row['ppl_windows']})", flush=True)
+        _write(out_dir, _ordered(rows), kept)
     print(markdown(_ordered(rows), kept))
     return 0
 
