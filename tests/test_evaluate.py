@@ -12,7 +12,8 @@ from hgsp.adapters import adapter_for
 from hgsp.cli import main
 from hgsp.efficiency import efficiency, macs_per_token, parameter_counts, ratios
 from hgsp.evaluate import compare, parse_settings
-from hgsp.perplexity import perplexity, perplexity_of_ids
+from hgsp.perplexity import (logits_nll, nll_function, perplexity, perplexity_of_ids,
+                             sliced_nll)
 from hgsp.plan import uniform_plan
 from hgsp.surgery import apply_plan
 
@@ -43,7 +44,9 @@ def test_perplexity_of_a_wrapped_model_uses_its_own_forward():
     model = tiny_model("llama")
     ids = torch.randint(3, 96, (40,))
     plain = perplexity_of_ids(model, ids, seq_len=8)
+    assert nll_function(model) is sliced_nll
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert nll_function(wrapped) is logits_nll
     assert perplexity_of_ids(wrapped, ids, seq_len=8)["ppl"] == pytest.approx(plain["ppl"],
                                                                               rel=1e-6)
 
