@@ -80,26 +80,15 @@ def _without_layer(model, index):
             config.layer_types = saved[1]
 
 
-def sliced_loss(model, ids) -> float:
-    """A full forward, scored by the same vocabulary-sliced loss as the cached way."""
-    from hgsp.analysis import head_nll
-
-    return head_nll(model.lm_head, model.model(input_ids=ids, use_cache=False).last_hidden_state,
-                    ids)
-
-
-def plain_loss(model, ids) -> float:
-    """An ordinary forward returning full logits, scored by cross-entropy."""
-    from hgsp.analysis import summed_nll
-
-    return summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
-
-
-def naive_analysis(model, windows, batch_size: int, loss=sliced_loss) -> list[float]:
-    """3L+1 full forwards: the base, each layer skipped, each block zeroed."""
+def naive_analysis(model, windows, batch_size: int, loss=None) -> list[float]:
+    """3L+1 full forwards: the base, each layer skipped, each block zeroed; each scored by
+    ``loss(model, ids)``, by default the same vocabulary-sliced loss as the cached way."""
     import torch
 
     from hgsp.analysis import _removed
+    from hgsp.perplexity import sliced_nll
+
+    loss = loss or sliced_nll
 
     def nll():
         with torch.no_grad():
@@ -125,6 +114,7 @@ def analysis_run(model_path: str, samples: int, seq_len: int, batch: int,
     from hgsp.analysis import removal_analysis
     from hgsp.data import build_calibration_set, load_corpus
     from hgsp.modelio import load_model
+    from hgsp.perplexity import logits_nll
 
     loaded = load_model(model_path)
     corpus = load_corpus("c4", "train")
@@ -142,7 +132,7 @@ def analysis_run(model_path: str, samples: int, seq_len: int, batch: int,
         naive = naive_analysis(loaded.model, cal.analysis, batch)
         times["naive"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        naive_analysis_hf = naive_analysis(loaded.model, cal.analysis, batch, plain_loss)
+        naive_analysis_hf = naive_analysis(loaded.model, cal.analysis, batch, logits_nll)
         times["naive_hf"].append(time.perf_counter() - start)
     cached_s, naive_s = min(times["cached"]), min(times["naive"])
     naive_hf_s = min(times["naive_hf"])
@@ -170,32 +160,32 @@ def main() -> int:
                         help="rerun only the analysis timings, keeping the rest of --out")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.analysis_only:
-        report = json.loads(Path(args.out).read_text())
-        report["analysis"] = in_child(analysis_run, args.model, 16, 128, 8,
-                                      args.analysis_repeats)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(table(report))
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["HGSP_CACHE_DIR"] = str(Path(tmp) / "cache")  # start from an empty cache
-        first = in_child(prune_run, args.model, args.ratio, tmp, "first")
-        second = in_child(prune_run, args.model, args.second_ratio, tmp, "second")
-    analysis = in_child(analysis_run, args.model, 16, 128, 8, args.analysis_repeats)
-    import torch
 
-    report = {
-        "model": args.model, "ratio": args.ratio, "first_run": first,
-        "second_run_other_ratio": {**second, "ratio": args.second_ratio},
-        "analysis": analysis,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    def analysis():
+        return in_child(analysis_run, args.model, 16, 128, 8, args.analysis_repeats)
+
+    if args.analysis_only:
+        report = {**json.loads(Path(args.out).read_text()), "analysis": analysis()}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["HGSP_CACHE_DIR"] = str(Path(tmp) / "cache")  # start from an empty cache
+            first = in_child(prune_run, args.model, args.ratio, tmp, "first")
+            second = in_child(prune_run, args.model, args.second_ratio, tmp, "second")
+        report = {"model": args.model, "ratio": args.ratio, "first_run": first,
+                  "second_run_other_ratio": {**second, "ratio": args.second_ratio},
+                  "analysis": analysis(), "machine": machine(),
+                  "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
     return 0
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def table(r: dict) -> str:
