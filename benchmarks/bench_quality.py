@@ -225,18 +225,13 @@ def main(argv=None) -> int:
 
 def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int:
     """Decode tokens/s at batch 1 of every row again, one model after the other."""
-    import torch
-
-    from hgsp.evaluate import EvalSettings, evaluate_model
-    from hgsp.modelio import load_model
+    from hgsp.evaluate import EvalSettings
 
     settings = EvalSettings(kinds=["efficiency"], batch_sizes=(1,))
     previous = json.loads((out_dir / "quality.json").read_text())
     rows = previous["rows"]
     for row in rows:
-        folder = _row_folder(model_path, row, args, work_dir)
-        loaded = load_model(folder, torch.float32, "cpu", None)
-        eff = evaluate_model(loaded.model, loaded.tokenizer, settings, folder)["efficiency"]
+        eff = _evaluate_saved(model_path, row, args, work_dir, settings)["efficiency"]
         row["decode_tok_s_b1"] = eff["speed"]["batch1"]["decode_tokens_per_s"]
         print(f"{row['label']} {row['ratio']:g}: {row['decode_tok_s_b1']:.1f} tok/s", flush=True)
     kept = {**previous["settings"], "speed_remeasured": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -245,22 +240,27 @@ def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int
     return 0
 
 
-def _row_folder(model_path: str, row: dict, args, work_dir: Path) -> str:
-    """The saved model of a row of quality.json, pruned again if it is missing."""
-    if row["ratio"] == 0:
-        return model_path
-    run = work_dir / f"{row['row']}_r{row['ratio']:g}"
-    if not (run / "models" / "config.json").exists():
-        prune_row(model_path, row["row"], row["ratio"], args, work_dir)
-    return str(run / "models")
+def _evaluate_saved(model_path: str, row: dict, args, work_dir: Path, settings) -> dict:
+    """``settings`` evaluated on the saved model of a row of quality.json (the base model for
+    the base row), pruning it again first if it is missing."""
+    import torch
+
+    from hgsp.evaluate import evaluate_model
+    from hgsp.modelio import load_model
+
+    folder = model_path
+    if row["ratio"] > 0:
+        run = work_dir / f"{row['row']}_r{row['ratio']:g}"
+        if not (run / "models" / "config.json").exists():
+            prune_row(model_path, row["row"], row["ratio"], args, work_dir)
+        folder = str(run / "models")
+    loaded = load_model(folder, torch.float32, "cpu", None)
+    return evaluate_model(loaded.model, loaded.tokenizer, settings, folder)
 
 
 def rescore_perplexity(model_path: str, out_dir: Path, work_dir: Path, args) -> int:
     """WikiText-2 and PTB perplexity of the rows again, one row at a time."""
-    import torch
-
-    from hgsp.evaluate import EvalSettings, evaluate_model
-    from hgsp.modelio import load_model
+    from hgsp.evaluate import EvalSettings
 
     settings = EvalSettings(kinds=["ppl"], ppl_max_windows=args.ppl_max_windows)
     previous = json.loads((out_dir / "quality.json").read_text())
@@ -272,9 +272,7 @@ def rescore_perplexity(model_path: str, out_dir: Path, work_dir: Path, args) -> 
         selected = row["ratio"] in ratios and (names is None or row.get("row", "base") in names)
         if not selected or (args.ppl_max_windows is None and row.get("ppl_full")):
             continue
-        folder = _row_folder(model_path, row, args, work_dir)
-        loaded = load_model(folder, torch.float32, "cpu", None)
-        row.update(_ppl_fields(evaluate_model(loaded.model, loaded.tokenizer, settings)["ppl"]))
+        row.update(_ppl_fields(_evaluate_saved(model_path, row, args, work_dir, settings)["ppl"]))
         print(f"{row['label']} {row['ratio']:g}: {row['wikitext2']:.2f} / {row['ptb']:.2f} "
               f"({row['ppl_windows']})", flush=True)
         _write(out_dir, _ordered(rows), kept)
