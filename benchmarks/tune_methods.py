@@ -31,6 +31,9 @@ sys.path.insert(0, str(ROOT / "src"))
 # with hgsp's other defaults, so that each row shows what its own change does.
 PLAIN = {"bias_compensation": False, "block_floor": False, "collapse_scope": "all",
          "importance_norm": "none"}
+# the current defaults, as overrides of PLAIN
+CURRENT = {"bias_compensation": True, "block_floor": True, "collapse_scope": "layer_dominant",
+           "importance_norm": "block"}
 # name -> PruneConfig overrides on top of PLAIN
 VARIANTS = {
     "default": {},
@@ -66,8 +69,7 @@ VARIANTS = {
     "q75": {"tau_quantile": 0.75},
     "norm_layer": {"bias_compensation": True, "block_floor": True,
                    "collapse_scope": "layer_dominant", "importance_norm": "layer"},
-    "norm_block": {"bias_compensation": True, "block_floor": True,
-                   "collapse_scope": "layer_dominant", "importance_norm": "block"},
+    "norm_block": CURRENT,
     "norm_layer_tau_inf": {"bias_compensation": True, "importance_norm": "layer",
                            "tau": float("inf")},
     "norm_block_tau_inf": {"bias_compensation": True, "importance_norm": "block",
@@ -75,13 +77,17 @@ VARIANTS = {
     "norm_layer_plain": {"importance_norm": "layer"},
     "norm_block_nofloor": {"bias_compensation": True, "collapse_scope": "layer_dominant",
                            "importance_norm": "block"},
-    "norm_block_t2": {"bias_compensation": True, "block_floor": True, "temperature": 2.0,
-                      "collapse_scope": "layer_dominant", "importance_norm": "block"},
-    "norm_block_q50": {"bias_compensation": True, "block_floor": True, "tau_quantile": 0.5,
-                       "collapse_scope": "layer_dominant", "importance_norm": "block"},
+    "norm_block_t2": {**CURRENT, "temperature": 2.0},
+    "norm_block_q50": {**CURRENT, "tau_quantile": 0.5},
     "norm_block_nobc": {"block_floor": True, "collapse_scope": "layer_dominant",
                         "importance_norm": "block"},
     "norm_block_plain": {"importance_norm": "block"},
+    # screen 9: collapse and the τ quantile on top of the current defaults
+    "norm_block_eps0": {**CURRENT, "epsilon": 0.0},
+    "norm_block_eps0.05": {**CURRENT, "epsilon": 0.05},
+    "norm_block_q50_eps0": {**CURRENT, "tau_quantile": 0.5, "epsilon": 0.0},
+    "norm_block_q40": {**CURRENT, "tau_quantile": 0.4},
+    "norm_block_q75": {**CURRENT, "tau_quantile": 0.75},
     "llm_pruner": {"method": "llm_pruner"},
     "wanda_sp": {"method": "wanda_sp"},
     "flap": {"method": "flap"},
