@@ -37,6 +37,7 @@ ROWS = {
     "hgsp_tau_0": ("H-GSP τ=0 (block-wise)", {"tau": 0.0}),
     "hgsp_tau_inf_eps0": ("H-GSP τ=∞ ε=0", {"tau": float("inf"), "epsilon": 0.0}),
     "hgsp_norm_none": ("H-GSP without normalization", {"importance_norm": "none"}),
+    "hgsp_q40": ("H-GSP τ at the 40th percentile", {"tau_quantile": 0.4}),
     "llm_pruner": ("LLM-Pruner", {"method": "llm_pruner"}),
     "wanda_sp": ("Wanda-sp", {"method": "wanda_sp"}),
     "flap": ("FLAP", {"method": "flap"}),
@@ -198,9 +199,12 @@ def main(argv=None) -> int:
     check_data(settings)  # fail now, not after the first runs, if evaluation data is missing
     names = list(ROWS) if args.rows == "all" else args.rows.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
+    recorded = vars(args)
     if args.update:
-        rows = json.loads((out_dir / "quality.json").read_text())["rows"]
-        rows = [r for r in rows if not (r.get("row") in names and r["ratio"] in ratios)]
+        previous = json.loads((out_dir / "quality.json").read_text())
+        rows = [r for r in previous["rows"]
+                if not (r.get("row") in names and r["ratio"] in ratios)]
+        recorded = _updated_settings(previous["settings"], args)
     else:
         base = load_model(model_path, torch.float32, "cpu", None)
         rows = [{"ratio": 0.0, "label": "base", "layers_kept": base.model.config.num_hidden_layers,
@@ -217,10 +221,20 @@ def main(argv=None) -> int:
                    **evaluate(pruned.model, pruned.tokenizer, settings, str(folder))}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            _write(out_dir, _ordered(rows), vars(args))
-    _write(out_dir, _ordered(rows), vars(args))
-    print(markdown(_ordered(rows), vars(args)))
+            _write(out_dir, _ordered(rows), recorded)
+    _write(out_dir, _ordered(rows), recorded)
+    print(markdown(_ordered(rows), recorded))
     return 0
+
+
+def _updated_settings(previous: dict, args) -> dict:
+    """The settings of the table that ``--update`` changes, with this run added to its list of
+    updates. The rows run now are measured at another time than the speed re-measurement, so
+    that note is dropped until the next ``--speed_only``."""
+    kept = {k: v for k, v in previous.items() if k != "speed_remeasured"}
+    update = {"rows": args.rows, "ratios": args.ratios, "extra": args.extra,
+              "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {**kept, "updates": [*previous.get("updates", []), update]}
 
 
 def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int:
