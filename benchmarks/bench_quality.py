@@ -152,21 +152,26 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     base = rows[0]
     for ax, key, title in ((axes[0], "wikitext2", "WikiText-2 perplexity (log)"),
                            (axes[1], "zeroshot_mean", "zero-shot mean accuracy")):
-        labels = sorted({r["label"] for r in rows[1:]})
-        for label in labels:
-            pts = sorted((r["params"] / 1e6, r[key]) for r in rows[1:] if r["label"] == label)
-            ax.plot(*zip(*pts), marker="o", label=label)
+        # ROWS order, a colour each (more rows than the default cycle has colours), baselines
+        # dashed and the defaults bold, so that the H-GSP rows and the baselines separate
+        names = [n for n in ROWS if any(r.get("row") == n for r in rows)]
+        colours = plt.get_cmap("tab20").colors
+        for i, name in enumerate(names):
+            pts = sorted((r["params"] / 1e6, r[key]) for r in rows if r.get("row") == name)
+            ax.plot(*zip(*pts), marker="o", label=ROWS[name][0], color=colours[i % 20],
+                    linestyle="-" if name.startswith("hgsp") else "--",
+                    linewidth=2.5 if name == "hgsp" else 1.2)
         ax.scatter([base["params"] / 1e6], [base[key]], marker="*", s=150, color="black",
                    label="base", zorder=5)
         ax.set_xlabel("parameters (M)")
         ax.set_title(title)
         if key == "wikitext2":
             ax.set_yscale("log")
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
