@@ -154,12 +154,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     base = rows[0]
+    # ROWS order, a colour each (more rows than the default cycle has colours), baselines
+    # dashed and the defaults bold, so that the H-GSP rows and the baselines separate
+    names = [n for n in ROWS if any(r.get("row") == n for r in rows)]
+    colours = plt.get_cmap("tab20").colors
     for ax, key, title in ((axes[0], "wikitext2", "WikiText-2 perplexity (log)"),
                            (axes[1], "zeroshot_mean", "zero-shot mean accuracy")):
-        # ROWS order, a colour each (more rows than the default cycle has colours), baselines
-        # dashed and the defaults bold, so that the H-GSP rows and the baselines separate
-        names = [n for n in ROWS if any(r.get("row") == n for r in rows)]
-        colours = plt.get_cmap("tab20").colors
         for i, name in enumerate(names):
             pts = sorted((r["params"] / 1e6, r[key]) for r in rows if r.get("row") == name)
             ax.plot(*zip(*pts), marker="o", label=ROWS[name][0], color=colours[i % 20],
