@@ -18,6 +18,7 @@ the demo model: slow on a CPU). Needs ``hgsp fetch-assets`` and the evaluation t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -122,11 +123,21 @@ def markdown(rows: list[dict], settings: dict) -> str:
     lines.append(f"Perplexity at 128 tokens on {common}.{notes} Zero-shot: mean acc of "
                  f"piqa, hellaswag, winogrande, arc_easy on the first "
                  f"{settings['zeroshot_limit']} documents each; calibration: "
-                 f"{settings['dataset']}, 32 windows of 128 tokens for every method.")
+                 f"{settings['dataset']}, {_calibration_text(settings)} for every method.")
     if settings.get("speed_remeasured"):
         lines.append(f"Decode speed: every row measured again, one after the other, on "
                      f"{settings['speed_remeasured'][:10]} (`--speed_only`).")
     return "\n".join(lines) + "\n"
+
+
+def _calibration_text(settings: dict) -> str:
+    """The calibration size of the table: hgsp's defaults unless ``--extra`` changed them."""
+    from hgsp.config import PruneConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
+    extra = json.loads(settings.get("extra") or "{}")
+    n, length = (extra.get(k, defaults[k]) for k in ("num_examples", "seq_len"))
+    return f"{n} windows of {length} tokens"
 
 
 def _windows_text(row: dict) -> str:

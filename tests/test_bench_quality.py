@@ -1,0 +1,51 @@
+"""The quality benchmark's table text and --update bookkeeping (no model needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+
+
+@pytest.fixture(scope="module")
+def bq():
+    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(label, full=True, windows=(2358, 794)):
+    return {"ratio": 0.2, "label": label, "params": 1e8, "achieved": 0.2, "layers_kept": 29,
+            "wikitext2": 100.0, "ptb": 200.0, "zeroshot_mean": 0.5, "decode_tok_s_b1": 10.0,
+            "ppl_windows": {"wikitext2": windows[0], "ptb": windows[1]}, "ppl_full": full}
+
+
+def test_footnote_states_the_calibration_size_of_the_run(bq):
+    rows = [_row("a"), _row("b")]
+    default = bq.markdown(rows, {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"})
+    assert "c4, 32 windows of 128 tokens for every method" in default
+    changed = bq.markdown(rows, {"zeroshot_limit": 60, "dataset": "c4",
+                                 "extra": '{"num_examples": 64, "seq_len": 256}'})
+    assert "c4, 64 windows of 256 tokens for every method" in changed
+    assert "all 2358 WikiText-2 and 794 PTB test windows" in default
+
+
+def test_rows_on_other_windows_are_marked(bq):
+    rows = [_row("a"), _row("b"), _row("c", full=False, windows=(128, 128))]
+    text = bq.markdown(rows, {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"})
+    assert "| c† |" in text and "† the first 128 WikiText-2 and 128 PTB test windows." in text
+    assert "| a |" in text
+
+
+def test_update_keeps_the_table_settings_and_lists_the_update(bq):
+    previous = {"dataset": "c4", "zeroshot_limit": 60, "speed_remeasured": "2026-12-01",
+                "updates": [{"rows": "hgsp"}]}
+    args = Namespace(rows="hgsp_q40", ratios="0.5", extra="{}")
+    new = bq._updated_settings(previous, args)
+    assert new["zeroshot_limit"] == 60 and "speed_remeasured" not in new
+    assert [u["rows"] for u in new["updates"]] == ["hgsp", "hgsp_q40"]
