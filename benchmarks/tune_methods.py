@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT / "src"))
 # Every variant starts from the plain DESIGN.md score (no bias compensation, no block floor)
 # with hgsp's other defaults, so that each row shows what its own change does.
 PLAIN = {"bias_compensation": False, "block_floor": False, "collapse_scope": "all",
-         "importance_norm": "none"}
-# the current defaults, as overrides of PLAIN
+         "importance_norm": "none", "block_delta": "alone"}
+# the defaults of screens 7-12, as overrides of PLAIN (the current defaults add the Shapley
+# share of screen 13: variant norm_block_shapley)
 CURRENT = {"bias_compensation": True, "block_floor": True, "collapse_scope": "layer_dominant",
            "importance_norm": "block"}
 # name -> PruneConfig overrides on top of PLAIN
@@ -85,6 +86,9 @@ VARIANTS = {
     "norm_block_q50_eps0": {**CURRENT, "tau_quantile": 0.5, "epsilon": 0.0},
     "norm_block_q40": {**CURRENT, "tau_quantile": 0.4},
     "norm_block_q75": {**CURRENT, "tau_quantile": 0.75},
+    # screen 13: the Shapley share of the layer's Δ for each block
+    "norm_block_shapley": {**CURRENT, "block_delta": "shapley"},
+    "norm_block_shapley_q40": {**CURRENT, "block_delta": "shapley", "tau_quantile": 0.4},
     "llm_pruner": {"method": "llm_pruner"},
     "wanda_sp": {"method": "wanda_sp"},
     "flap": {"method": "flap"},

@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_model
 from hgsp.adapters import adapter_for
 from hgsp.scoring import ATTN, MLP, MODE_BLOCK, MODE_LAYER, MODE_NONE, hgsp_scores, layout, \
-    normalized_density
+    normalized_density, shapley_block_deltas
 from hgsp.selection import FixedCosts, greedy_knapsack, prunable_params, select
 
 # ---------------------------------------------------------------------------------------------
@@ -486,3 +486,33 @@ def test_importance_norm_leaves_ranking_across_layers_to_delta():
     assert (table.score[3:] < table.score[:3]).all()
     hgsp_scores(table, 0.0, norm="layer")  # T = 0 stays the plain importance per parameter
     torch.testing.assert_close(table.score, table.importance / table.cost)
+
+
+def test_shapley_block_deltas_by_hand():
+    # layer 0: joint cost 10 > 1 + 3 → shares ½(1 + 10 − 3) = 4 and ½(3 + 10 − 1) = 6;
+    # layer 1: the MLP alone (50) costs more than the whole layer (20): its share
+    # ½(50 + 20 − 2) = 34 is below 50, and the attention's ½(2 + 20 − 50) < 0 is below 2,
+    # so both keep what removing them alone measured.
+    layer = torch.tensor([10.0, 20.0], dtype=torch.float64)
+    attn = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    mlp = torch.tensor([3.0, 50.0], dtype=torch.float64)
+    a, m = shapley_block_deltas(layer, attn, mlp)
+    torch.testing.assert_close(a, torch.tensor([4.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(m, torch.tensor([6.0, 50.0], dtype=torch.float64))
+    assert float(a[0] + m[0]) == 10.0  # the shares add up to Δ_layer
+
+
+def test_shapley_option_scores_block_dominant_layers_only(importances, deltas):
+    attn, mlp = importances
+    d_layer, d_attn, d_mlp = deltas
+    t = layout(attn, mlp, ATTN_COST, MLP_COST)
+    info = hgsp_scores(t, 1.0, *deltas, tau=3.0, block_delta="shapley")
+    block = torch.tensor([m == MODE_BLOCK for m in info.modes])
+    s_attn, s_mlp = shapley_block_deltas(d_layer, d_attn, d_mlp)
+    expected = torch.where(t.kind == ATTN, s_attn[t.layer], s_mlp[t.layer])
+    expected = torch.where(block[t.layer], expected, d_layer[t.layer])
+    torch.testing.assert_close(t.delta, expected)
+    # layer 1 (Δ 9 ≥ τ): attention ½(1 + 9 − 5) = 2.5 instead of 1.0 alone
+    assert float(t.delta[(t.layer == 1) & (t.kind == ATTN)][0]) == 2.5
+    with pytest.raises(ValueError, match="unknown block delta"):
+        hgsp_scores(layout(attn, mlp, ATTN_COST, MLP_COST), 1.0, *deltas, block_delta="sum")

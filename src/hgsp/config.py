@@ -50,6 +50,11 @@ class PruneConfig:
     block_floor: bool = _f(True, "in Block-Dominant layers, count each block's Δ as at least "
                                   "τ, so no block of a sensitive layer looks cheaper than a "
                                   "removable (Layer-Dominant) layer", negatable=True)
+    block_delta: str = _f("shapley", "Δ of a block of a Block-Dominant layer: shapley (at "
+                                     "least its Shapley share of the layer's Δ, so the joint "
+                                     "cost of removing both blocks counts), or alone (its "
+                                     "removal alone, as DESIGN.md §5 has it)",
+                          choices=("alone", "shapley"))
     delta_metric: str = _f("ppl", "Δ of a removal: ppl (perplexity increase P-P0) or loss "
                                   "(loss increase ln P - ln P0)", choices=("ppl", "loss"))
     epsilon: float = _f(0.15, "collapse threshold ε: a layer keeping less than this fraction of "

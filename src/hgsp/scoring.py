@@ -62,6 +62,26 @@ def auto_tau(delta_layer: torch.Tensor, quantile: float = 0.25) -> float:
     return float(torch.quantile(delta_layer.double(), quantile))
 
 
+BLOCK_DELTAS = ("alone", "shapley")
+
+
+def shapley_block_deltas(delta_layer: torch.Tensor, delta_attn: torch.Tensor,
+                         delta_mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's Δ raised to at least its Shapley share of its layer's removal.
+
+    Removing a layer's two blocks together usually costs more than the sum of removing each
+    alone (Δ_layer > Δ_attn + Δ_mlp), and the single-block Δ leaves that joint cost to
+    nobody. In the two-player game with v(attn) = Δ_attn, v(mlp) = Δ_mlp, v(both) = Δ_layer,
+    the Shapley value of the attention block is ½(Δ_attn + Δ_layer − Δ_mlp) (and alike for
+    the MLP): the two shares add up to Δ_layer. The share is only a lower bound, because when
+    the joint cost is *smaller* than a block alone (Δ_mlp > Δ_layer, as in the first layer of
+    some models) the share of the other block would drop below what removing it alone measured.
+    """
+    share_attn = 0.5 * (delta_attn + delta_layer - delta_mlp)
+    share_mlp = 0.5 * (delta_mlp + delta_layer - delta_attn)
+    return torch.maximum(delta_attn, share_attn), torch.maximum(delta_mlp, share_mlp)
+
+
 NORMS = ("none", "layer", "block")
 
 
@@ -91,7 +111,8 @@ def normalized_density(table: GroupTable, norm: str = "none") -> torch.Tensor:
 def hgsp_scores(table: GroupTable, temperature: float, delta_layer: torch.Tensor | None = None,
                 delta_attn: torch.Tensor | None = None, delta_mlp: torch.Tensor | None = None,
                 tau: float | None = None, tau_quantile: float = 0.25,
-                block_floor: bool = False, norm: str = "none") -> ScoreInfo:
+                block_floor: bool = False, norm: str = "none",
+                block_delta: str = "alone") -> ScoreInfo:
     """Fill ``table.delta`` and ``table.score`` with ``S = I / cost * ln(1 + Δ)^T``.
 
     A layer whose Δ_layer is below τ is Layer-Dominant (all its groups use Δ_layer); the others
@@ -101,6 +122,9 @@ def hgsp_scores(table: GroupTable, temperature: float, delta_layer: torch.Tensor
     With ``block_floor`` a block of a Block-Dominant layer counts at least τ: such a layer was
     judged too sensitive to remove whole, so none of its blocks may look cheaper than the
     Layer-Dominant layers the gate marked as removable.
+
+    ``block_delta="shapley"`` scores the blocks of Block-Dominant layers with
+    :func:`shapley_block_deltas` instead of their single-removal Δ.
 
     ``norm`` (see :func:`normalized_density`) applies to the hybrid score only: T = 0 stays
     the plain importance per parameter.
@@ -115,6 +139,10 @@ def hgsp_scores(table: GroupTable, temperature: float, delta_layer: torch.Tensor
         raise ValueError("T > 0 needs the layer and block removal deltas")
     delta_layer, delta_attn, delta_mlp = (d.double().clamp(min=0) for d in
                                           (delta_layer, delta_attn, delta_mlp))
+    if block_delta not in BLOCK_DELTAS:
+        raise ValueError(f"unknown block delta {block_delta!r}")
+    if block_delta == "shapley":
+        delta_attn, delta_mlp = shapley_block_deltas(delta_layer, delta_attn, delta_mlp)
     if tau is None:
         tau = auto_tau(delta_layer, tau_quantile)
     layer_dominant = delta_layer < tau
