@@ -260,6 +260,21 @@ def test_replay_from_saved_config(finished_run, tmp_path, capsys):
     assert replayed == (finished_run / "analysis" / "pruning_plan.json").read_bytes()
 
 
+def test_replay_of_a_config_older_than_an_option(finished_run, tmp_path, capsys):
+    """A saved config without a later scoring option replays with the value of its time."""
+    saved = json.loads((finished_run / "logs" / "config.json").read_text())
+    arguments = saved.get("arguments", saved)
+    assert arguments["block_delta"] == "shapley"
+    del arguments["block_delta"]
+    old = tmp_path / "old_config.json"
+    old.write_text(json.dumps(saved))
+    code = main(["prune", "--config", str(old), "--results_dir", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    assert "predates block_delta: replaying with block_delta=alone" in capsys.readouterr().err
+    replayed = json.loads((tmp_path / "run" / "logs" / "config.json").read_text())
+    assert replayed.get("arguments", replayed)["block_delta"] == "alone"
+
+
 def test_replay_bad_config(tmp_path, capsys):
     bad = tmp_path / "c.json"
     bad.write_text('{"something": 1}')

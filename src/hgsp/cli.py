@@ -15,7 +15,7 @@ import types
 import typing
 
 from . import __version__
-from .config import PruneConfig
+from .config import BEFORE_OPTION, PruneConfig
 from .errors import UserError, write_failure
 
 log = logging.getLogger("hgsp")
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "run_global_pruning.py)")
     add_config_arguments(prune)
     prune.add_argument("--config", metavar="FILE", help="replay a run: take every argument from "
-                       "a saved RESULTS/NAME/logs/config.json; flags given here override it")
+                       "a saved RESULTS/NAME/logs/config.json; flags given here override it, and "
+                       "scoring options newer than that file take the value that reproduces it")
     parser.prune_parser = prune
     ev = sub.add_parser("eval", help="evaluate a model (base, pruned folder or "
                         "pruned_model.bin), optionally side by side with its base")
@@ -257,7 +258,14 @@ def _replay_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     if not isinstance(arguments, dict) or not names & set(arguments):
         raise UserError(f"--config '{known.config}' holds no hgsp arguments (expected a "
                         "logs/config.json written by a run)")
-    parser.prune_parser.set_defaults(**{k: v for k, v in arguments.items() if k in names})
+    missing = {k: v for k, v in BEFORE_OPTION.items() if k not in arguments}
+    if missing:
+        # stderr, not logging: the run's log handlers are not set up yet
+        sys.stderr.write(f"warning: --config '{known.config}' predates {', '.join(missing)}: "
+                         "replaying with " + ", ".join(f"{k}={v}" for k, v in missing.items())
+                         + ", as that run scored\n")
+    parser.prune_parser.set_defaults(**{k: v for k, v in {**arguments, **missing}.items()
+                                        if k in names})
 
 
 def main(argv: list[str] | None = None) -> int:

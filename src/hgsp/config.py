@@ -18,6 +18,13 @@ from .salience import METHODS as IMPORTANCE_METHODS
 EVAL_KINDS = ("ppl", "zeroshot", "efficiency")
 
 
+# Scoring options added after the first release, with the value that reproduces a run made
+# before each existed: replaying an older logs/config.json (``prune --config``) that lacks
+# one must redo that run, not silently switch to the newer default.
+BEFORE_OPTION = {"bias_compensation": False, "block_floor": False, "collapse_scope": "all",
+                 "importance_norm": "none", "block_delta": "alone"}
+
+
 def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
