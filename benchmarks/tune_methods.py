@@ -89,6 +89,9 @@ VARIANTS = {
     # screen 13: the Shapley share of the layer's Δ for each block
     "norm_block_shapley": {**CURRENT, "block_delta": "shapley"},
     "norm_block_shapley_q40": {**CURRENT, "block_delta": "shapley", "tau_quantile": 0.4},
+    # screen 17: the floor and collapse again, with the share
+    "norm_block_shapley_nofloor": {**CURRENT, "block_delta": "shapley", "block_floor": False},
+    "norm_block_shapley_eps0": {**CURRENT, "block_delta": "shapley", "epsilon": 0.0},
     "llm_pruner": {"method": "llm_pruner"},
     "wanda_sp": {"method": "wanda_sp"},
     "flap": {"method": "flap"},
