@@ -14,6 +14,7 @@ from .data import DATASETS
 from .errors import UserError
 from .methods import METHODS
 from .salience import METHODS as IMPORTANCE_METHODS
+from .scoring import BLOCK_DELTAS
 
 EVAL_KINDS = ("ppl", "zeroshot", "efficiency")
 
@@ -61,7 +62,7 @@ class PruneConfig:
                                      "least its Shapley share of the layer's Δ, so the joint "
                                      "cost of removing both blocks counts), or alone (its "
                                      "removal alone, as DESIGN.md §5 has it)",
-                          choices=("alone", "shapley"))
+                          choices=BLOCK_DELTAS)
     delta_metric: str = _f("ppl", "Δ of a removal: ppl (perplexity increase P-P0) or loss "
                                   "(loss increase ln P - ln P0)", choices=("ppl", "loss"))
     epsilon: float = _f(0.15, "collapse threshold ε: a layer keeping less than this fraction of "
