@@ -58,6 +58,13 @@ Stages, as the code does them (the base model stays in memory for the whole run)
   into a meta-initialised model (no second copy): W_pruned = (1 − r)·P·b, plus V·h·b for a model
   with tied embeddings (the embedding and lm_head entries of the state dict are cloned
   separately until ``tie_weights``). r counts all parameters, as ``--pruning_ratio`` does.
+  With ``--refit_outputs`` (default) the surgery is preceded by the refit
+  (``reconstruction.refit_outputs``), which holds its statistics in host RAM whatever the
+  device: the float64 E[x xᵀ] of the narrowed blocks, 8·(nq·d)² or 8·I² bytes each, at most
+  4 GiB at a time (``GRAM_BUDGET_BYTES``; more blocks take more calibration passes, a block over
+  the budget gets a pass of its own), plus about three (I+1)² float64 matrices for one solve.
+  Not in the table: I = 14,336 (Llama-3-8B) gives 1.5 GiB per MLP block and 4.6 GiB for the
+  solve; I = 28,672 (Llama-3-70B) 6.1 and 18.4 GiB. ``--no-refit_outputs`` needs none of it.
 - save (``save.save_pruned_model``): W + W_pruned; safetensors (0.8) and ``torch.save`` write
   from the tensors' memory without another copy on the CPU. On a GPU, ``pruned_model.bin`` first
   copies the pruned weights to host RAM (W_pruned of RAM, not of GPU memory).

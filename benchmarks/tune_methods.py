@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT / "src"))
 # Every variant starts from the plain DESIGN.md score (no bias compensation, no block floor)
 # with hgsp's other defaults, so that each row shows what its own change does.
 PLAIN = {"bias_compensation": False, "block_floor": False, "collapse_scope": "all",
-         "importance_norm": "none", "block_delta": "alone"}
-# the defaults of screens 7-12, as overrides of PLAIN (the current defaults add the Shapley
-# share of screen 13: variant norm_block_shapley)
+         "importance_norm": "none", "block_delta": "alone", "refit_outputs": False}
+# the defaults of screens 7-12, as overrides of PLAIN (the defaults of screens 13-17 add the
+# Shapley share: variant norm_block_shapley; the current defaults add the refit of screen 18:
+# norm_block_shapley_refit)
 CURRENT = {"bias_compensation": True, "block_floor": True, "collapse_scope": "layer_dominant",
            "importance_norm": "block"}
 # name -> PruneConfig overrides on top of PLAIN
@@ -92,6 +93,13 @@ VARIANTS = {
     # screen 17: the floor and collapse again, with the share
     "norm_block_shapley_nofloor": {**CURRENT, "block_delta": "shapley", "block_floor": False},
     "norm_block_shapley_eps0": {**CURRENT, "block_delta": "shapley", "epsilon": 0.0},
+    # screen 18: the refit of the narrowed output projections (and its ridge strength)
+    "norm_block_shapley_refit": {**CURRENT, "block_delta": "shapley", "refit_outputs": True},
+    **{f"norm_block_shapley_refit_d{damp}": {**CURRENT, "block_delta": "shapley",
+                                             "refit_outputs": True, "refit_damp": damp}
+       for damp in (0.01, 0.1, 0.3, 3.0, 10.0)},
+    "tau_inf_norm_block_shapley_refit": {**CURRENT, "block_delta": "shapley",
+                                         "refit_outputs": True, "tau": float("inf")},
     "llm_pruner": {"method": "llm_pruner"},
     "wanda_sp": {"method": "wanda_sp"},
     "flap": {"method": "flap"},

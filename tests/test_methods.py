@@ -203,7 +203,26 @@ def test_hgsp_with_bias_compensation_meets_budget(tiny_model_dir, data_dir, tmp_
     result = _run(tiny_model_dir, data_dir, tmp_path, "hgsp", bias_compensation=True)
     params = result.summary["parameters"]
     assert result.summary["bias_compensation"] is True
+    assert result.summary["refit_outputs"] is True  # the default
     assert abs(params["removed"] - params["target_removed"]) <= 0.02 * params["target_removed"]
     config = json.loads((result.results_dir / "models" / "config.json").read_text())
     assert any(any(flags) for flags in config["hgsp_out_biases"])
     assert math.isfinite(params["achieved_ratio_total"])
+
+
+def test_refit_changes_only_the_kept_output_columns(tiny_model_dir, data_dir, tmp_path):
+    """Same plan with and without --refit_outputs; only o_proj/down_proj weights and the
+    compensation biases differ."""
+    refit = _run(tiny_model_dir, data_dir, tmp_path / "a", "hgsp")
+    bias = _run(tiny_model_dir, data_dir, tmp_path / "b", "hgsp", refit_outputs=False)
+    assert bias.summary["refit_outputs"] is False
+    assert refit.plan.layers == bias.plan.layers
+    a = AutoModelForCausalLM.from_pretrained(refit.results_dir / "models",
+                                             trust_remote_code=True).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(bias.results_dir / "models",
+                                             trust_remote_code=True).state_dict()
+    assert a.keys() == b.keys()
+    differ = {k for k in a if not torch.equal(a[k], b[k])}
+    assert differ, "the refit changed nothing"
+    assert all(k.endswith(("o_proj.weight", "down_proj.weight", "o_proj.bias",
+                           "down_proj.bias")) for k in differ)

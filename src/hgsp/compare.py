@@ -107,8 +107,9 @@ def method_label(arguments: dict, summary: dict) -> str:
     method = arguments.get("method", "hgsp")
     if method in ("hgsp", "llm_pruner"):
         method = f"{method}/{arguments.get('importance_method')}"
-    return method + ("+bc" if summary.get("bias_compensation") and
-                     arguments.get("method", "hgsp") == "hgsp" else "")
+    if arguments.get("method", "hgsp") != "hgsp" or not summary.get("bias_compensation"):
+        return method
+    return method + ("+refit" if summary.get("refit_outputs") else "+bc")
 
 
 def _run_row(run: RunData) -> dict:

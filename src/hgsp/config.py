@@ -23,7 +23,7 @@ EVAL_KINDS = ("ppl", "zeroshot", "efficiency")
 # before each existed: replaying an older logs/config.json (``prune --config``) that lacks
 # one must redo that run, not silently switch to the newer default.
 BEFORE_OPTION = {"bias_compensation": False, "block_floor": False, "collapse_scope": "all",
-                 "importance_norm": "none", "block_delta": "alone"}
+                 "importance_norm": "none", "block_delta": "alone", "refit_outputs": False}
 
 
 def _f(default, help, **kw):
@@ -72,6 +72,13 @@ class PruneConfig:
                                         "channels (as FLAP does); for --method hgsp (flap always "
                                         "compensates, the other baselines never do)",
                                  negatable=True)
+    refit_outputs: bool = _f(True, "with bias compensation, also refit the kept columns of each "
+                                   "narrowed o_proj/down_proj (ridge regression toward their "
+                                   "original values) so that it reproduces the full block's "
+                                   "output on the calibration tokens; for --method hgsp",
+                             negatable=True)
+    refit_damp: float = _f(1.0, "ridge strength of --refit_outputs, relative to the mean "
+                                "squared input; larger stays closer to bias compensation alone")
     collapse_scope: str = _f("layer_dominant", "layers that collapse (ε) may remove: all, or only "
                                     "layer_dominant ones (a sensitive layer thinned below ε "
                                     "keeps what is left)", choices=("all", "layer_dominant"))
@@ -185,6 +192,9 @@ class PruneConfig:
             raise UserError(f"--tau_quantile {self.tau_quantile} must be in [0, 1]")
         if not 0 <= self.epsilon < 1:
             raise UserError(f"--epsilon {self.epsilon} must be in [0, 1)")
+        if not 0 < self.refit_damp < math.inf:
+            raise UserError(f"--refit_damp {self.refit_damp} must be a finite number > 0 "
+                            "(--no-refit_outputs turns the refit off)")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

@@ -46,6 +46,8 @@ class Measurements:
     importance: Importance | None = None
     analysis: RemovalAnalysis | None = None
     stats: ActivationStats | None = None
+    # the calibration windows themselves, for the refit of the output projections
+    calibration: torch.Tensor | None = None
 
 
 def fixed_costs(adapter: Adapter) -> FixedCosts:

@@ -33,6 +33,7 @@ from .save import ResultsDir, save_pruned_model, write_json
 from .methods import ACTIVATION_METHODS, IMPORTANCE_METHODS, Measurements, choose
 from .scoring import GroupTable, ScoreInfo
 from .selection import Selection
+from .reconstruction import refit_outputs
 from .surgery import apply_plan, compensation_biases
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,11 @@ def uses_compensation(cfg: PruneConfig) -> bool:
     return cfg.method == "flap" or (cfg.method == "hgsp" and cfg.bias_compensation)
 
 
+def uses_refit(cfg: PruneConfig) -> bool:
+    """The refit builds on bias compensation, and only for H-GSP (FLAP keeps its paper's)."""
+    return cfg.method == "hgsp" and cfg.bias_compensation and cfg.refit_outputs
+
+
 def bias_overhead(table: GroupTable, selection: Selection, adapter: Adapter) -> int:
     """Parameters that bias compensation adds: a bias per narrowed block that had none."""
     n_layers = len(selection.attn_removed)
@@ -108,12 +114,17 @@ def bias_overhead(table: GroupTable, selection: Selection, adapter: Adapter) -> 
 
 def build_pruned(model, adapter: Adapter, plan: PruningPlan, cfg: PruneConfig,
                  measured: Measurements):
-    """The pruned model of ``plan``, with bias compensation when ``cfg`` asks for it."""
-    biases = None
-    if uses_compensation(cfg):
+    """The pruned model of ``plan``, with bias compensation (and the refit of the narrowed
+    output projections) when ``cfg`` asks for it."""
+    biases, weights = None, None
+    if uses_refit(cfg):
+        weights, biases = refit_outputs(model, adapter, plan, measured.calibration,
+                                        cfg.gradient_batch_size, measured.stats.mean("attn"),
+                                        measured.stats.mean("mlp"), cfg.refit_damp)
+    elif uses_compensation(cfg):
         biases = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
                                      measured.stats.mean("mlp"))
-    return apply_plan(model, adapter, plan, biases)
+    return apply_plan(model, adapter, plan, biases, weights)
 
 
 def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig, budget: int,
@@ -202,7 +213,8 @@ def prune(cfg: PruneConfig) -> PruneResult:
                          "pruning_ratio": cfg.pruning_ratio, "temperature": cfg.temperature,
                          "tau": info.tau, "epsilon": cfg.epsilon,
                          "importance_method": cfg.importance_method,
-                         "bias_compensation": uses_compensation(cfg)}
+                         "bias_compensation": uses_compensation(cfg),
+                         "refit_outputs": uses_refit(cfg)}
         with timer("surgery"):
             pruned = build_pruned(model, adapter, plan, cfg, measured)
         pruned_total = count_params(pruned)
@@ -260,7 +272,8 @@ def measure(cfg: PruneConfig, model, tokenizer, adapter: Adapter, corpus, dtype,
                                         cfg.analysis_samples if uses_analysis(cfg) else 0,
                                         cfg.seed)
         measured = Measurements(importance=_importance_stage(cfg, model, adapter, cal, dtype),
-                                stats=_activation_stage(cfg, model, adapter, cal))
+                                stats=_activation_stage(cfg, model, adapter, cal),
+                                calibration=None if cal is None else cal.calibration)
     with timer("analysis"):
         measured.analysis = _analysis_stage(cfg, model, adapter, cal, dtype)
     return cal, measured
@@ -339,6 +352,7 @@ def _summary(cfg, kind, total, decoder, pruned_total, pruned_decoder, budget, se
         },
         "method": cfg.method,
         "bias_compensation": uses_compensation(cfg),
+        "refit_outputs": uses_refit(cfg),
         "score": {"temperature": info.temperature, "tau": info.tau, "modes": info.modes,
                   "analysis_base_ppl": None if analysis is None else analysis.base_ppl},
         "calibration": None if cal is None else {

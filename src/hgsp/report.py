@@ -393,6 +393,12 @@ def _tau_text(run: RunData) -> str:
     return f"{fmt_num(tau)} ({source})"
 
 
+def _compensation_text(summary: dict) -> str:
+    if summary.get("refit_outputs"):
+        return " with bias compensation and refitted output projections"
+    return " with bias compensation" if summary.get("bias_compensation") else ""
+
+
 def settings_section(run: RunData) -> list:
     a, s = run.arguments, run.summary
     cal = s.get("calibration") or {}
@@ -400,8 +406,7 @@ def settings_section(run: RunData) -> list:
     rows = [
         ["base model", f"`{s.get('base_model')}` ({s.get('base_model_kind', '?')})"],
         ["target pruning ratio", fmt_pct(s["parameters"]["target_ratio"])],
-        ["method", f"`{a.get('method', 'hgsp')}`" + (" with bias compensation"
-                                                      if s.get("bias_compensation") else "")],
+        ["method", f"`{a.get('method', 'hgsp')}`" + _compensation_text(s)],
         ["importance method", f"`{a.get('importance_method', '?')}`"],
         ["temperature T", fmt_num(s.get("score", {}).get("temperature"))],
         ["gate threshold τ", _tau_text(run)],

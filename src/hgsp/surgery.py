@@ -108,11 +108,13 @@ def _slice_layer(prefix: str, tensors: dict[str, torch.Tensor], lp: LayerPlan,
 
 
 def sliced_state_dict(model: nn.Module, adapter: Adapter, plan: PruningPlan,
-                      out_biases: dict | None = None) -> dict:
+                      out_biases: dict | None = None, out_weights: dict | None = None) -> dict:
     """The pruned model's state dict, with kept layers renumbered densely.
 
     ``out_biases`` maps a base layer index to ``{"attn": b, "mlp": b}``: vectors added to the
     o_proj / down_proj bias of that layer's kept blocks (see :func:`compensation_biases`).
+    ``out_weights``, mapped the same way, holds o_proj / down_proj weights that replace the
+    sliced ones (the refit of :mod:`hgsp.reconstruction`).
     """
     d = adapter.dims()
     widths = {"q": d.gqa_ratio * d.head_dim, "kv": d.head_dim, "ch": 1}
@@ -128,7 +130,22 @@ def sliced_state_dict(model: nn.Module, adapter: Adapter, plan: PruningPlan,
                                     layers[lp.index].state_dict(), lp, widths))
         if out_biases is not None:
             _add_out_biases(out, f"model.layers.{new_index}.", lp, out_biases.get(lp.index, {}))
+        if out_weights is not None:
+            _replace_out_weights(out, f"model.layers.{new_index}.", out_weights.get(lp.index, {}))
     return out
+
+
+def _replace_out_weights(state: dict, prefix: str, weights: dict) -> None:
+    for kind, module in (("attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")):
+        new = weights.get(kind)
+        if new is None:
+            continue
+        name = f"{prefix}{module}.weight"
+        old = state[name]
+        if new.shape != old.shape:
+            raise ValueError(f"refitted {name} has shape {tuple(new.shape)}, the plan keeps "
+                             f"{tuple(old.shape)}")
+        state[name] = new.to(old.device, old.dtype).contiguous()
 
 
 def _add_out_biases(state: dict, prefix: str, lp: LayerPlan, biases: dict) -> None:
@@ -178,10 +195,11 @@ def compensation_biases(model: nn.Module, adapter: Adapter, plan: PruningPlan,
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, adapter: Adapter, plan: PruningPlan,
-               out_biases: dict | None = None) -> nn.Module:
+               out_biases: dict | None = None, out_weights: dict | None = None) -> nn.Module:
     """A new model that is ``model`` pruned as ``plan`` says; ``model`` is not changed.
 
-    With ``out_biases`` (bias compensation) the listed o_proj/down_proj get a bias.
+    With ``out_biases`` (bias compensation) the listed o_proj/down_proj get a bias; with
+    ``out_weights`` (refit) their sliced weights are replaced.
     """
     if plan.num_layers != len(adapter.layers(model)):
         raise ValueError(f"plan is for {plan.num_layers} layers, model has "
@@ -189,7 +207,7 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: PruningPlan,
     if not plan.kept_layers:
         raise ValueError("the plan removes every layer")
     config = pruned_config(model.config, plan, out_biases)
-    state = sliced_state_dict(model, adapter, plan, out_biases)
+    state = sliced_state_dict(model, adapter, plan, out_biases, out_weights)
     dtype = next(model.parameters()).dtype
     with init_empty_weights(include_buffers=False):
         pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
