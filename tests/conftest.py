@@ -137,3 +137,14 @@ def make_plan(arch: str, drops, n_layers: int = 4, n_kv: int = 2, channels: int 
         lp.kept_kv_heads = [g for g in lp.kept_kv_heads if g not in heads]
         lp.kept_channels = [j for j in lp.kept_channels if j not in chans]
     return plan
+
+
+def assert_saved_logits_match(pruned, folder) -> None:
+    """Save ``pruned``, load it back through transformers and compare logits."""
+    from hgsp.save import save_pruned_model
+
+    save_pruned_model(pruned, tiny_tokenizer(), folder, write_bin=False)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, pruned(ids).logits, atol=1e-5)

@@ -12,7 +12,8 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, make_plan, tiny_model, tiny_tokenizer, write_tiny_model
+from conftest import VOCAB, assert_saved_logits_match, make_plan, tiny_model, \
+    write_tiny_model
 from transformers import AutoModelForCausalLM
 
 from hgsp.activations import collect_activation_stats
@@ -22,7 +23,6 @@ from hgsp.baselines import block_influence, compensation_bias, flap_scores, fluc
 from hgsp.config import PruneConfig
 from hgsp.methods import llm_pruner_range, shortgpt_layers, uniform_counts
 from hgsp.pipeline import prune
-from hgsp.save import save_pruned_model
 from hgsp.surgery import apply_plan, compensation_biases
 
 FAST = dict(num_examples=4, seq_len=16, gradient_batch_size=2, analysis_samples=2,
@@ -168,12 +168,7 @@ def test_saved_logits_equal_in_memory_pruned_model_with_compensation(arch, tmp_p
     mlp_mean = torch.randn(4, d.intermediate)
     biases = compensation_biases(model, adapter, plan, attn_mean, mlp_mean)
     pruned = apply_plan(model, adapter, plan, biases)
-    folder = tmp_path / "saved"
-    save_pruned_model(pruned, tiny_tokenizer(), folder, write_bin=False)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        assert torch.allclose(loaded(ids).logits, pruned(ids).logits, atol=1e-5)
+    assert_saved_logits_match(pruned, tmp_path / "saved")
 
 
 def test_compensated_mlp_output_unchanged_on_calibration_mean(arch):

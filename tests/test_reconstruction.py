@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, make_plan, tiny_model, tiny_tokenizer
-from transformers import AutoModelForCausalLM
+from conftest import VOCAB, assert_saved_logits_match, make_plan, tiny_model
 
 from hgsp.adapters import adapter_for
 from hgsp.baselines import compensation_bias
@@ -19,7 +18,6 @@ from hgsp.config import BEFORE_OPTION, PruneConfig
 from hgsp.errors import UserError
 from hgsp.reconstruction import _passes, collect_grams, narrowed_blocks, refit_outputs, \
     refit_projection
-from hgsp.save import save_pruned_model
 from hgsp.surgery import apply_plan
 
 
@@ -133,12 +131,7 @@ def test_refitted_model_saves_loads_and_fits_better_than_bias(arch, tmp_path):
                     is not None else 0) - target).pow(2).mean()
     assert err_refit < err_bias
 
-    folder = tmp_path / "saved"
-    save_pruned_model(pruned, tiny_tokenizer(), folder, write_bin=False)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        assert torch.allclose(loaded(ids).logits, pruned(ids).logits, atol=1e-5)
+    assert_saved_logits_match(pruned, tmp_path / "saved")
 
 
 def test_apply_plan_refuses_a_refit_of_the_wrong_shape(arch):
