@@ -16,9 +16,8 @@ from hgsp.adapters import adapter_for
 from hgsp.baselines import compensation_bias
 from hgsp.config import BEFORE_OPTION, PruneConfig
 from hgsp.errors import UserError
-from hgsp.reconstruction import _passes, collect_grams, narrowed_blocks, refit_outputs, \
-    refit_projection
-from hgsp.surgery import apply_plan
+from hgsp.reconstruction import _passes, collect_grams, refit_outputs, refit_projection
+from hgsp.surgery import apply_plan, narrowed_blocks
 
 
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,8 @@ from torch import nn
 
 from .adapters import Adapter
 from .importance import forward_windows, onloaded
-from .plan import PruningPlan, as_index
+from .plan import PruningPlan
+from .surgery import narrowed_blocks, out_projection
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +72,6 @@ def refit_projection(weight: torch.Tensor, gram: torch.Tensor, mean: torch.Tenso
     return solution[:k].T.to(weight.dtype), solution[k].to(weight.dtype)
 
 
-def narrowed_blocks(plan: PruningPlan, q_width: int) -> dict[tuple[str, int], torch.Tensor]:
-    """``(kind, layer) -> kept input columns`` of every kept block that lost some width."""
-    out = {}
-    for lp in plan.layers:
-        if lp.removed:
-            continue
-        if not lp.attn_removed and len(lp.kept_kv_heads) < plan.num_kv_heads:
-            heads = as_index(lp.kept_kv_heads)
-            out[("attn", lp.index)] = (heads.unsqueeze(1) * q_width
-                                       + torch.arange(q_width)).reshape(-1)
-        if not lp.mlp_removed and len(lp.kept_channels) < plan.intermediate_size:
-            out[("mlp", lp.index)] = as_index(lp.kept_channels)
-    return out
-
-
-def _projection(layer: nn.Module, kind: str) -> nn.Linear:
-    return layer.self_attn.o_proj if kind == "attn" else layer.mlp.down_proj
-
-
 def _passes(keys: list, widths: dict, budget: int) -> list[list]:
     """Split ``keys`` into groups whose float64 Gram matrices fit in ``budget`` bytes (a block
     bigger than the budget gets a pass of its own)."""
@@ -110,7 +92,7 @@ def collect_grams(model: nn.Module, adapter: Adapter, windows: torch.Tensor, bat
                   budget: int = GRAM_BUDGET_BYTES) -> dict[tuple[str, int], torch.Tensor]:
     """``E[x xᵀ]`` (float64, CPU) of the o_proj / down_proj input of each ``(kind, layer)``."""
     layers = adapter.layers(model)
-    widths = {key: _projection(layers[key[1]], key[0]).in_features for key in keys}
+    widths = {key: out_projection(layers[key[1]], key[0]).in_features for key in keys}
     grams: dict = {}
 
     def hook(key):
@@ -122,7 +104,7 @@ def collect_grams(model: nn.Module, adapter: Adapter, windows: torch.Tensor, bat
 
     passes = _passes(keys, widths, budget)
     for i, group in enumerate(passes):
-        handles = [_projection(layers[key[1]], key[0]).register_forward_pre_hook(hook(key))
+        handles = [out_projection(layers[key[1]], key[0]).register_forward_pre_hook(hook(key))
                    for key in group]
         forward_windows(model, windows, batch_size, handles,
                         f"refit statistics {i + 1}/{len(passes)}")
@@ -147,7 +129,7 @@ def refit_outputs(model: nn.Module, adapter: Adapter, plan: PruningPlan, windows
     weights: dict = {}
     biases: dict = {}
     for (kind, index), kept in blocks.items():
-        proj = _projection(layers[index], kind)
+        proj = out_projection(layers[index], kind)
         mean = (attn_mean if kind == "attn" else mlp_mean)[index]
         with onloaded([proj]):
             a, b = refit_projection(proj.weight.detach().cpu(), grams[(kind, index)], mean,

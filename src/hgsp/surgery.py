@@ -162,6 +162,20 @@ def _add_out_biases(state: dict, prefix: str, lp: LayerPlan, biases: dict) -> No
         state[name] = bias + extra.to(bias.device, bias.dtype)
 
 
+def narrowed_blocks(plan: PruningPlan, q_width: int) -> dict[tuple[str, int], torch.Tensor]:
+    """``(kind, layer) -> kept input columns`` of the output projection of every kept block that
+    lost some width (``q_width`` columns per KV group: its query heads times head_dim)."""
+    out = {}
+    for lp in plan.layers:
+        if lp.removed:
+            continue
+        if not lp.attn_removed and len(lp.kept_kv_heads) < plan.num_kv_heads:
+            out[("attn", lp.index)] = _rows(lp.kept_kv_heads, q_width)
+        if not lp.mlp_removed and len(lp.kept_channels) < plan.intermediate_size:
+            out[("mlp", lp.index)] = as_index(lp.kept_channels)
+    return out
+
+
 @torch.no_grad()
 def compensation_biases(model: nn.Module, adapter: Adapter, plan: PruningPlan,
                         attn_mean: torch.Tensor, mlp_mean: torch.Tensor) -> dict:
@@ -172,25 +186,20 @@ def compensation_biases(model: nn.Module, adapter: Adapter, plan: PruningPlan,
             down_proj input.
     """
     d = adapter.dims()
-    q_width = d.gqa_ratio * d.head_dim
-    out = {}
-    for lp, layer in zip(plan.layers, adapter.layers(model)):
-        if lp.removed:
-            continue
-        entry = {}
-        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-        with onloaded([o_proj, down_proj]):
-            if not lp.attn_removed and len(lp.kept_kv_heads) < plan.num_kv_heads:
-                entry["attn"] = compensation_bias(o_proj.weight.detach(),
-                                                  attn_mean[lp.index].to(o_proj.weight.device),
-                                                  _rows(lp.kept_kv_heads, q_width))
-            if not lp.mlp_removed and len(lp.kept_channels) < plan.intermediate_size:
-                entry["mlp"] = compensation_bias(down_proj.weight.detach(),
-                                                 mlp_mean[lp.index].to(down_proj.weight.device),
-                                                 as_index(lp.kept_channels))
-        if entry:
-            out[lp.index] = entry
+    layers = adapter.layers(model)
+    means = {"attn": attn_mean, "mlp": mlp_mean}
+    out: dict = {}
+    for (kind, index), kept in narrowed_blocks(plan, d.gqa_ratio * d.head_dim).items():
+        proj = out_projection(layers[index], kind)
+        with onloaded([proj]):
+            out.setdefault(index, {})[kind] = compensation_bias(
+                proj.weight.detach(), means[kind][index].to(proj.weight.device), kept)
     return out
+
+
+def out_projection(layer: nn.Module, kind: str) -> nn.Linear:
+    """The o_proj (``attn``) or down_proj (``mlp``) of a decoder layer."""
+    return layer.self_attn.o_proj if kind == "attn" else layer.mlp.down_proj
 
 
 @torch.no_grad()
