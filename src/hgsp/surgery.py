@@ -35,6 +35,8 @@ _SLICES = {
     "mlp.up_proj": ("out", "channels", "ch"),
     "mlp.down_proj": ("in", "channels", "ch"),
 }
+# the output projection of each block kind: what bias compensation and the refit change
+_OUT_PROJ = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
 _ATTN_ONLY = ("input_layernorm.", "self_attn.")
 _MLP_ONLY = ("post_attention_layernorm.", "mlp.")
 
@@ -136,7 +138,7 @@ def sliced_state_dict(model: nn.Module, adapter: Adapter, plan: PruningPlan,
 
 
 def _replace_out_weights(state: dict, prefix: str, weights: dict) -> None:
-    for kind, module in (("attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")):
+    for kind, module in _OUT_PROJ.items():
         new = weights.get(kind)
         if new is None:
             continue
@@ -151,7 +153,7 @@ def _replace_out_weights(state: dict, prefix: str, weights: dict) -> None:
 def _add_out_biases(state: dict, prefix: str, lp: LayerPlan, biases: dict) -> None:
     """Add compensation to the output projection of each kept, narrowed block (creating the
     bias when the base model has none)."""
-    for kind, module in (("attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")):
+    for kind, module in _OUT_PROJ.items():
         extra = biases.get(kind)
         if extra is None:
             continue
@@ -199,7 +201,7 @@ def compensation_biases(model: nn.Module, adapter: Adapter, plan: PruningPlan,
 
 def out_projection(layer: nn.Module, kind: str) -> nn.Linear:
     """The o_proj (``attn``) or down_proj (``mlp``) of a decoder layer."""
-    return layer.self_attn.o_proj if kind == "attn" else layer.mlp.down_proj
+    return layer.get_submodule(_OUT_PROJ[kind])
 
 
 @torch.no_grad()
