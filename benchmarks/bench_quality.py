@@ -33,24 +33,23 @@ sys.path.insert(0, str(ROOT / "src"))
 # row name -> (label in the table, PruneConfig overrides)
 ROWS = {
     "hgsp": ("H-GSP (defaults)", {}),
-    # Rows measured before a later default are pinned to the setting of their time, so that
-    # regenerating them gives what the table shows; their labels say what they lack.
+    # The defaults with one setting changed, so that the row's difference from the defaults is
+    # that setting's effect.
     "hgsp_no_refit": ("H-GSP without the refit", {"refit_outputs": False}),
+    "hgsp_tau_inf": ("H-GSP τ=∞ (layer-wise)", {"tau": float("inf")}),
+    "hgsp_tau_inf_eps0": ("H-GSP τ=∞ ε=0", {"tau": float("inf"), "epsilon": 0.0}),
+    "hgsp_q40": ("H-GSP τ at the 40th percentile", {"tau_quantile": 0.4}),
+    # Rows measured before a later default are pinned to the settings of their time, so that
+    # regenerating them gives what the table shows; their labels say what they lack.
     "hgsp_block_alone": ("H-GSP without the Shapley share or the refit",
                          {"block_delta": "alone", "refit_outputs": False}),
     "hgsp_t0": ("H-GSP T=0 (pure Taylor), without the refit",
                 {"temperature": 0.0, "refit_outputs": False}),
-    "hgsp_tau_inf": ("H-GSP τ=∞ (layer-wise), without the refit",
-                     {"tau": float("inf"), "refit_outputs": False}),
     "hgsp_tau_0": ("H-GSP τ=0 (block-wise), single-block Δ, without the refit",
                    {"tau": 0.0, "block_delta": "alone", "refit_outputs": False}),
-    "hgsp_tau_inf_eps0": ("H-GSP τ=∞ ε=0, without the refit",
-                          {"tau": float("inf"), "epsilon": 0.0, "refit_outputs": False}),
     "hgsp_norm_none": ("H-GSP without normalization, single-block Δ, without the refit",
                        {"importance_norm": "none", "block_delta": "alone",
                         "refit_outputs": False}),
-    "hgsp_q40": ("H-GSP τ at the 40th percentile, single-block Δ, without the refit",
-                 {"tau_quantile": 0.4, "block_delta": "alone", "refit_outputs": False}),
     "llm_pruner": ("LLM-Pruner", {"method": "llm_pruner"}),
     "wanda_sp": ("Wanda-sp", {"method": "wanda_sp"}),
     "flap": ("FLAP", {"method": "flap"}),
@@ -139,6 +138,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
     if settings.get("speed_remeasured"):
         lines.append(f"Decode speed: every row measured again, one after the other, on "
                      f"{settings['speed_remeasured'][:10]} (`--speed_only`).")
+    else:  # after --update: rows measured in different sessions of a shared machine
+        lines.append("Decode speed: each row measured when it was evaluated, not all in one "
+                     "session; run `--speed_only` before comparing rows.")
     return "\n".join(lines) + "\n"
 
 

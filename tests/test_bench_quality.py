@@ -49,3 +49,12 @@ def test_update_keeps_the_table_settings_and_lists_the_update(bq):
     new = bq._updated_settings(previous, args)
     assert new["zeroshot_limit"] == 60 and "speed_remeasured" not in new
     assert [u["rows"] for u in new["updates"]] == ["hgsp", "hgsp_q40"]
+
+
+def test_speed_footnote_says_whether_rows_were_timed_in_one_session(bq):
+    rows = [_row("a"), _row("b")]
+    settings = {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"}
+    assert "run `--speed_only` before comparing rows" in bq.markdown(rows, settings)
+    timed = bq.markdown(rows, {**settings, "speed_remeasured": "2026-12-01T10:00:00"})
+    assert "measured again, one after the other, on 2026-12-01" in timed
+    assert "--speed_only` before comparing" not in timed
