@@ -339,9 +339,17 @@ def _write(out_dir: Path, rows: list[dict], settings: dict) -> None:
                                                "torch": torch.__version__,
                                                "transformers": transformers.__version__},
            "rows": rows}
-    (out_dir / "quality.json").write_text(json.dumps(doc, indent=1))
-    (out_dir / "quality.md").write_text(markdown(rows, settings))
-    plot(rows, out_dir / "quality_vs_size.png")
+    # each file is written beside itself and renamed, so an interrupted run leaves the
+    # previous table whole
+    _replace(out_dir / "quality.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
+    _replace(out_dir / "quality.md", lambda p: p.write_text(markdown(rows, settings)))
+    _replace(out_dir / "quality_vs_size.png", lambda p: plot(rows, p))
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

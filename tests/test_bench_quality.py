@@ -58,3 +58,11 @@ def test_speed_footnote_says_whether_rows_were_timed_in_one_session(bq):
     timed = bq.markdown(rows, {**settings, "speed_remeasured": "2026-12-01T10:00:00"})
     assert "measured again, one after the other, on 2026-12-01" in timed
     assert "--speed_only` before comparing" not in timed
+
+
+def test_write_leaves_the_three_files_and_no_temporary(bq, tmp_path):
+    rows = [_row("a"), _row("b")]
+    bq._write(tmp_path, rows, {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "quality.json", "quality.md", "quality_vs_size.png"]
+    assert "| a |" in (tmp_path / "quality.md").read_text()
