@@ -232,8 +232,7 @@ def main(argv=None) -> int:
     recorded = vars(args)
     if args.update:
         previous = json.loads((out_dir / "quality.json").read_text())
-        rows = [r for r in previous["rows"]
-                if not (r.get("row") in names and r["ratio"] in ratios)]
+        rows = previous["rows"]  # each old row is replaced only once its new one is measured
         recorded = _updated_settings(previous["settings"], args)
     else:
         base = load_model(model_path, torch.float32, "cpu", None)
@@ -249,7 +248,7 @@ def main(argv=None) -> int:
                    "achieved": result.summary["parameters"]["achieved_ratio_total"],
                    "layers_kept": result.summary["layers"]["kept"], "prune_s": round(seconds, 1),
                    **evaluate(pruned.model, pruned.tokenizer, settings, str(folder))}
-            rows.append(row)
+            rows = _replaced(rows, row)
             print(json.dumps(row), flush=True)
             _write(out_dir, _ordered(rows), recorded)
     _write(out_dir, _ordered(rows), recorded)
@@ -322,6 +321,12 @@ def rescore_perplexity(model_path: str, out_dir: Path, work_dir: Path, args) -> 
         _write(out_dir, _ordered(rows), kept)
     print(markdown(_ordered(rows), kept))
     return 0
+
+
+def _replaced(rows: list[dict], new: dict) -> list[dict]:
+    """``rows`` with ``new`` in place of the row of the same name and ratio (if any). An
+    interrupted ``--update`` thus keeps the old figures of the rows it did not reach."""
+    return [r for r in rows if (r.get("row"), r["ratio"]) != (new["row"], new["ratio"])] + [new]
 
 
 def _ordered(rows: list[dict]) -> list[dict]:

@@ -66,3 +66,12 @@ def test_write_leaves_the_three_files_and_no_temporary(bq, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "quality.json", "quality.md", "quality_vs_size.png"]
     assert "| a |" in (tmp_path / "quality.md").read_text()
+
+
+def test_an_update_replaces_a_row_only_when_its_new_figures_exist(bq):
+    old = [{**_row("a"), "row": "hgsp"}, {**_row("b"), "row": "hgsp_t0"},
+           {**_row("b"), "row": "hgsp_t0", "ratio": 0.5}]
+    new = {**_row("b2"), "row": "hgsp_t0"}
+    rows = bq._replaced(old, new)
+    assert [(r["row"], r["ratio"], r["label"]) for r in rows] == [
+        ("hgsp", 0.2, "a"), ("hgsp_t0", 0.5, "b"), ("hgsp_t0", 0.2, "b2")]
