@@ -198,7 +198,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_yscale("log")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, format="png", dpi=110)  # the temporary name has no .png
     plt.close(fig)
 
 
@@ -339,6 +339,8 @@ def _write(out_dir: Path, rows: list[dict], settings: dict) -> None:
     import torch
     import transformers
 
+    from hgsp.cache import atomic_write
+
     doc = {"settings": settings, "machine": {"platform": platform.platform(),
                                                "cpus": os.cpu_count(),
                                                "torch": torch.__version__,
@@ -346,15 +348,9 @@ def _write(out_dir: Path, rows: list[dict], settings: dict) -> None:
            "rows": rows}
     # each file is written beside itself and renamed, so an interrupted run leaves the
     # previous table whole
-    _replace(out_dir / "quality.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
-    _replace(out_dir / "quality.md", lambda p: p.write_text(markdown(rows, settings)))
-    _replace(out_dir / "quality_vs_size.png", lambda p: plot(rows, p))
-
-
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(out_dir / "quality.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
+    atomic_write(out_dir / "quality.md", lambda p: p.write_text(markdown(rows, settings)))
+    atomic_write(out_dir / "quality_vs_size.png", lambda p: plot(rows, p))
 
 
 if __name__ == "__main__":
