@@ -21,7 +21,8 @@ from hgsp.adapters import adapter_for
 from hgsp.baselines import block_influence, compensation_bias, flap_scores, fluctuation, \
     standardize, token_cosine_sum, wanda_sp_scores
 from hgsp.config import PruneConfig
-from hgsp.methods import llm_pruner_range, shortgpt_layers, uniform_counts
+from hgsp.methods import llm_pruner_range, lowest, shortgpt_layers, uniform_counts, \
+    wanda_sp_metrics
 from hgsp.pipeline import prune
 from hgsp.surgery import apply_plan, compensation_biases
 
@@ -38,6 +39,19 @@ def test_block_influence_hand_case():
     total = token_cosine_sum(x_in, x_out)
     assert total.item() == pytest.approx(0.0)
     assert block_influence(torch.tensor([total, 3.0]), 3).tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_block_influence_compares_the_models_hidden_states(arch):
+    """As in ShortGPT's reference code: layer i compares hidden_states[i] and [i+1] of the
+    transformers output, the last of which is after the final norm."""
+    model = tiny_model(arch)
+    adapter = adapter_for(model.config)
+    windows = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(2))
+    stats = collect_activation_stats(model, adapter, windows, batch_size=2)
+    with torch.no_grad():
+        hs = model(windows, output_hidden_states=True).hidden_states
+    expected = torch.stack([token_cosine_sum(hs[i], hs[i + 1]) for i in range(len(hs) - 1)])
+    assert torch.allclose(stats.cosine_sum, expected)
 
 
 def test_fluctuation_hand_case():
@@ -82,6 +96,43 @@ def test_wanda_sp_hand_case():
     norm = torch.tensor([1.0, 0.5, 2.0, 1.0])
     # per column: mean |W| * norm = 2*1, 2*0.5, 1*2, 2*1 -> units of width 2: 3, 4
     assert wanda_sp_scores(weight, norm, 2).tolist() == pytest.approx([3.0, 4.0])
+
+
+def test_wanda_sp_scores_each_layer_after_the_earlier_layers_are_pruned(arch):
+    """Layer 0 is scored on the full model; layer 1 on the model with layer 0 pruned as the
+    scores chose, which is checked against that model built by surgery."""
+    model = tiny_model(arch)
+    adapter = adapter_for(model.config)
+    d = adapter.dims()
+    width = d.gqa_ratio * d.head_dim
+    windows = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(1))
+    ids = windows[:1]
+    with torch.no_grad():
+        before = model(ids).logits
+    attn, mlp = wanda_sp_metrics(model, adapter, windows, 2, heads=1, channels=5)
+    with torch.no_grad():  # hooks removed and layers restored
+        assert torch.equal(model(ids).logits, before)
+
+    def scores(m, layer):  # the Wanda-sp scores of one layer from its own input norms
+        lay = adapter.layers(m)[layer]
+        seen = {}
+        hooks = [mod.register_forward_pre_hook(lambda _m, x, k=k: seen.setdefault(k, []).append(
+            x[0].reshape(-1, x[0].shape[-1]))) for k, mod in
+            (("attn", lay.self_attn.o_proj), ("mlp", lay.mlp.down_proj))]
+        with torch.no_grad():
+            m(windows)
+        for h in hooks:
+            h.remove()
+        norm = {k: torch.cat(v).double().pow(2).sum(dim=0).sqrt() for k, v in seen.items()}
+        return (wanda_sp_scores(lay.self_attn.o_proj.weight, norm["attn"], width),
+                wanda_sp_scores(lay.mlp.down_proj.weight, norm["mlp"], 1))
+
+    a0, m0 = scores(model, 0)
+    assert torch.allclose(attn[0], a0) and torch.allclose(mlp[0], m0)
+    plan = make_plan(arch, {0: (lowest(attn[0], 1).tolist(), lowest(mlp[0], 5).tolist())})
+    a1, m1 = scores(apply_plan(model, adapter, plan), 1)
+    assert torch.allclose(attn[1], a1) and torch.allclose(mlp[1], m1)
+    assert not torch.allclose(mlp[1], scores(model, 1)[1])  # the pruning mattered
 
 
 def test_compensation_bias_keeps_output_at_the_mean():

@@ -1,13 +1,16 @@
 """Activation statistics over the calibration windows, for the activation-based methods.
 
-One forward pass (no gradients) with hooks gathers what Wanda-sp, FLAP, ShortGPT and bias
-compensation need:
+One forward pass (no gradients) with hooks gathers what FLAP, ShortGPT and bias compensation
+need:
 
 - for the input of every ``o_proj`` and ``down_proj`` (the features a KV group or MLP channel
   owns), the per-feature sum and sum of squares: mean (bias compensation), variance (FLAP's
   fluctuation) and L2 norm (Wanda) all follow from them;
 - for every decoder layer, the summed cosine similarity of its input and output hidden state
   per token (ShortGPT's Block Influence).
+
+Wanda-sp measures layer after layer instead (:func:`sequential_input_norms`), each layer on the
+output of the layers before it already pruned, as its reference implementation does.
 
 Sums are kept in float64 so that millions of tokens add up without loss.
 """
@@ -19,9 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from .adapters import Adapter
+from .analysis import only_layers
 from .baselines import token_cosine_sum
-from .importance import forward_windows
+from .importance import forward_windows, input_device
 
 
 @dataclass
@@ -69,10 +75,16 @@ def collect_activation_stats(model: nn.Module, adapter: Adapter, windows: torch.
             acc[1] = acc[1] + x.pow(2).sum(dim=0).cpu()
         return hook
 
+    final_norm = model.model.norm
+
     def layer_hook(index):
         def hook(_module, args, kwargs, output):
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = _first_tensor(output)
+            if index == n - 1:
+                # ShortGPT's reference code compares the model's hidden_states[i] and [i+1]; in
+                # transformers the last of them is after the final norm.
+                x_out = final_norm(x_out)
             cosine[index] += token_cosine_sum(x_in, x_out).cpu()
         return hook
 
@@ -88,3 +100,65 @@ def collect_activation_stats(model: nn.Module, adapter: Adapter, windows: torch.
 
     return ActivationStats(stack("attn", 0), stack("attn", 1), stack("mlp", 0), stack("mlp", 1),
                            cosine, windows.numel())
+
+
+def _run_layer(model, adapter: Adapter, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Output of decoder layer ``index`` (before any final norm) for its input ``hidden``."""
+    out = []
+    handle = adapter.layers(model)[index].register_forward_hook(
+        lambda _m, _args, output: out.append(_first_tensor(output).detach()))
+    try:
+        with only_layers(model, adapter, index, index + 1):
+            model.model(inputs_embeds=hidden, use_cache=False)
+    finally:
+        handle.remove()
+    return out[0]
+
+
+def _masking_hook(keep: torch.Tensor):
+    def hook(_module, inputs):
+        return (inputs[0] * keep.to(inputs[0].device, inputs[0].dtype),) + tuple(inputs[1:])
+    return hook
+
+
+@torch.no_grad()
+def sequential_input_norms(model: nn.Module, adapter: Adapter, windows: torch.Tensor,
+                           batch_size: int, prune_layer) -> None:
+    """Wanda-sp's statistics gathered layer after layer, with the earlier layers pruned.
+
+    For each layer i in order, the L2 norm of every o_proj and down_proj input feature is
+    measured on the calibration windows as they come out of layers 0..i-1 *already pruned*;
+    ``prune_layer(i, attn_norm, mlp_norm)`` decides and returns the boolean keep-masks of those
+    features, and layer i's output is recomputed with the removed features zeroed (the same as
+    removing them) to feed layer i+1. The hidden states of all windows are held between layers.
+    """
+    embed = model.get_input_embeddings()
+    dev = input_device(model)
+    hidden = [embed(ids.to(dev)) for ids in torch.split(windows, batch_size)]
+    layers = adapter.layers(model)
+    for i in tqdm(range(len(layers)), desc="Wanda-sp statistics", leave=False):
+        o_proj, down_proj = layers[i].self_attn.o_proj, layers[i].mlp.down_proj
+        sumsq = {}
+
+        def norm_hook(kind):
+            def hook(_module, inputs):
+                x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+                sumsq[kind] = sumsq.get(kind, 0.0) + x.pow(2).sum(dim=0).cpu()
+            return hook
+
+        handles = [o_proj.register_forward_pre_hook(norm_hook("attn")),
+                   down_proj.register_forward_pre_hook(norm_hook("mlp"))]
+        try:
+            for h in hidden:
+                _run_layer(model, adapter, i, h)
+        finally:
+            for h in handles:
+                h.remove()
+        keep_attn, keep_mlp = prune_layer(i, sumsq["attn"].sqrt(), sumsq["mlp"].sqrt())
+        handles = [o_proj.register_forward_pre_hook(_masking_hook(keep_attn)),
+                   down_proj.register_forward_pre_hook(_masking_hook(keep_mlp))]
+        try:
+            hidden = [_run_layer(model, adapter, i, h) for h in hidden]
+        finally:
+            for h in handles:
+                h.remove()

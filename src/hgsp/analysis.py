@@ -61,15 +61,18 @@ def _removed(layer: nn.Module, kind: str):
 
 
 @contextmanager
-def _only_layers_from(model: nn.Module, adapter: Adapter, start: int):
-    """Make the decoder run layers ``start..L-1`` only (same module objects, no copy)."""
+def only_layers(model: nn.Module, adapter: Adapter, start: int, stop: int | None = None):
+    """Make the decoder run layers ``start..stop-1`` only (same module objects, no copy); fed
+    ``inputs_embeds`` = the input of layer ``start``, it returns what the model would after
+    them (through the final norm)."""
     inner = model.model
     layers, config = inner.layers, inner.config
+    stop = len(layers) if stop is None else stop
     saved = (config.num_hidden_layers, getattr(config, "layer_types", None))
-    inner.layers = nn.ModuleList(list(layers)[start:])
-    config.num_hidden_layers = len(layers) - start
+    inner.layers = nn.ModuleList(list(layers)[start:stop])
+    config.num_hidden_layers = stop - start
     if saved[1] is not None:
-        config.layer_types = saved[1][start:]  # Qwen2/3 pick each layer's mask by position
+        config.layer_types = saved[1][start:stop]  # Qwen2/3 pick each layer's mask by position
     try:
         yield
     finally:
@@ -172,10 +175,10 @@ def removal_analysis(model: nn.Module, adapter: Adapter, windows: torch.Tensor,
         progress.update(1)
         for l in range(n):
             # Skipping layer l = running layers l+1.. on the input of layer l.
-            with _only_layers_from(model, adapter, l + 1):
+            with only_layers(model, adapter, l + 1):
                 layer_nll[l] += _nll(model, inputs[l], ids)
             for kind, acc in (("attn", attn_nll), ("mlp", mlp_nll)):
-                with _removed(layers[l], kind), _only_layers_from(model, adapter, l):
+                with _removed(layers[l], kind), only_layers(model, adapter, l):
                     acc[l] += _nll(model, inputs[l], ids)
             progress.update(3)
     progress.close()

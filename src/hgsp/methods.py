@@ -6,7 +6,8 @@ paper references in :mod:`hgsp.baselines`):
 
 - ``llm_pruner``: the same KV-group and MLP-channel fraction removed in every layer of a range
   that spares the first and last layers, lowest Taylor importance first;
-- ``wanda_sp``: the same fraction removed in every layer, lowest Wanda-sp score first;
+- ``wanda_sp``: the same fraction removed in every layer, lowest Wanda-sp score first, each
+  layer scored on the output of the layers before it already pruned (as in FLAP's code);
 - ``flap``: globally, lowest standardized fluctuation first, with bias compensation;
 - ``shortgpt``: whole layers, lowest Block Influence first.
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .activations import ActivationStats
+from .activations import ActivationStats, sequential_input_norms
 from .adapters import Adapter
 from .analysis import RemovalAnalysis
 from .baselines import block_influence, flap_scores, fluctuation, wanda_sp_scores
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("hgsp", "llm_pruner", "wanda_sp", "flap", "shortgpt")
 #: methods whose decision needs the activation statistics of the calibration windows
-ACTIVATION_METHODS = ("wanda_sp", "flap", "shortgpt")
+ACTIVATION_METHODS = ("flap", "shortgpt")
 #: methods that rank by the gradient importance of ``--importance_method``
 IMPORTANCE_METHODS = ("hgsp", "llm_pruner")
 
@@ -107,14 +108,18 @@ def uniform_counts(dims, attn_cost: int, ch_cost: int, n_layers: int, budget: in
     return heads, dims.intermediate - kept
 
 
+def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` lowest scores (ties in index order)."""
+    return torch.sort(scores, stable=True).indices[:count]
+
+
 def _uniform_mask(table: GroupTable, layers: range, heads: int, channels: int) -> torch.Tensor:
     """Select, in every layer of ``layers``, the lowest-scoring groups of each kind."""
     selected = torch.zeros(len(table), dtype=torch.bool)
     for layer in layers:
         for kind, count in ((ATTN, heads), (MLP, channels)):
             rows = torch.nonzero((table.layer == layer) & (table.kind == kind)).flatten()
-            order = torch.sort(table.score[rows], stable=True).indices
-            selected[rows[order[:count]]] = True
+            selected[rows[lowest(table.score[rows], count)]] = True
     return selected
 
 
@@ -148,16 +153,42 @@ def _projection_metrics(model, adapter: Adapter, metric):
     return torch.stack(attn), torch.stack(mlp)
 
 
-def _wanda_sp_metrics(model, adapter: Adapter, stats: ActivationStats):
+def _keep_mask(width: int, units: int, removed: torch.Tensor, unit_width: int) -> torch.Tensor:
+    keep = torch.ones(units, unit_width, dtype=torch.bool)
+    keep[removed] = False
+    return keep.reshape(width)
+
+
+def wanda_sp_metrics(model, adapter: Adapter, windows: torch.Tensor, batch_size: int,
+                     heads: int, channels: int):
+    """Wanda-sp scores of every KV group and MLP channel, each layer measured with the layers
+    before it pruned (``heads`` groups and ``channels`` channels each, lowest score first)."""
     d = adapter.dims()
-    width = {"attn": d.gqa_ratio * d.head_dim, "mlp": 1}
-    return _projection_metrics(model, adapter, lambda kind, i, w: wanda_sp_scores(
-        w, stats.norm(kind)[i], width[kind]))
+    group_width = d.gqa_ratio * d.head_dim
+    attn_rows, mlp_rows = [], []
+
+    def prune_layer(i, attn_norm, mlp_norm):
+        layer = adapter.layers(model)[i]
+        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+        with onloaded([o_proj, down_proj]):
+            attn = wanda_sp_scores(o_proj.weight.detach().cpu(), attn_norm, group_width)
+            mlp = wanda_sp_scores(down_proj.weight.detach().cpu(), mlp_norm, 1)
+        attn_rows.append(attn)
+        mlp_rows.append(mlp)
+        return (_keep_mask(attn_norm.numel(), attn.numel(), lowest(attn, heads), group_width),
+                _keep_mask(mlp_norm.numel(), mlp.numel(), lowest(mlp, channels), 1))
+
+    sequential_input_norms(model, adapter, windows, batch_size, prune_layer)
+    return torch.stack(attn_rows), torch.stack(mlp_rows)
 
 
 def select_wanda_sp(m: Measurements, adapter: Adapter, cfg, budget: int, model):
-    attn, mlp = _wanda_sp_metrics(model, adapter, m.stats)
-    return select_uniform(attn, mlp, adapter, budget, range(attn.shape[0]), cfg.round_to)
+    n_layers = adapter.dims().num_layers
+    heads, channels = uniform_counts(adapter.dims(), adapter.attn_group_cost(),
+                                     adapter.mlp_channel_cost(), n_layers, budget, cfg.round_to)
+    attn, mlp = wanda_sp_metrics(model, adapter, m.calibration, cfg.gradient_batch_size, heads,
+                                 channels)
+    return select_uniform(attn, mlp, adapter, budget, range(n_layers), cfg.round_to)
 
 
 def flap_metrics(model, adapter: Adapter, stats: ActivationStats):
