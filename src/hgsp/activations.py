@@ -17,6 +17,7 @@ Sums are kept in float64 so that millions of tokens add up without loss.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,35 @@ def _masking_hook(keep: torch.Tensor):
     return hook
 
 
+@contextmanager
+def _pre_hooks(pairs):
+    """Register ``(module, pre-hook)`` pairs for the duration of the block."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _input_norms(model, adapter: Adapter, index: int, hidden: list) -> tuple:
+    """L2 norm of every o_proj and down_proj input feature of layer ``index`` over ``hidden``."""
+    layer = adapter.layers(model)[index]
+    sumsq = {}
+
+    def norm_hook(kind):
+        def hook(_module, inputs):
+            x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+            sumsq[kind] = sumsq.get(kind, 0.0) + x.pow(2).sum(dim=0).cpu()
+        return hook
+
+    with _pre_hooks([(layer.self_attn.o_proj, norm_hook("attn")),
+                     (layer.mlp.down_proj, norm_hook("mlp"))]):
+        for h in hidden:
+            _run_layer(model, adapter, index, h)
+    return sumsq["attn"].sqrt(), sumsq["mlp"].sqrt()
+
+
 @torch.no_grad()
 def sequential_input_norms(model: nn.Module, adapter: Adapter, windows: torch.Tensor,
                            batch_size: int, prune_layer) -> None:
@@ -132,33 +162,11 @@ def sequential_input_norms(model: nn.Module, adapter: Adapter, windows: torch.Te
     features, and layer i's output is recomputed with the removed features zeroed (the same as
     removing them) to feed layer i+1. The hidden states of all windows are held between layers.
     """
-    embed = model.get_input_embeddings()
     dev = input_device(model)
-    hidden = [embed(ids.to(dev)) for ids in torch.split(windows, batch_size)]
+    hidden = [model.get_input_embeddings()(ids.to(dev)) for ids in torch.split(windows, batch_size)]
     layers = adapter.layers(model)
     for i in tqdm(range(len(layers)), desc="Wanda-sp statistics", leave=False):
-        o_proj, down_proj = layers[i].self_attn.o_proj, layers[i].mlp.down_proj
-        sumsq = {}
-
-        def norm_hook(kind):
-            def hook(_module, inputs):
-                x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
-                sumsq[kind] = sumsq.get(kind, 0.0) + x.pow(2).sum(dim=0).cpu()
-            return hook
-
-        handles = [o_proj.register_forward_pre_hook(norm_hook("attn")),
-                   down_proj.register_forward_pre_hook(norm_hook("mlp"))]
-        try:
-            for h in hidden:
-                _run_layer(model, adapter, i, h)
-        finally:
-            for h in handles:
-                h.remove()
-        keep_attn, keep_mlp = prune_layer(i, sumsq["attn"].sqrt(), sumsq["mlp"].sqrt())
-        handles = [o_proj.register_forward_pre_hook(_masking_hook(keep_attn)),
-                   down_proj.register_forward_pre_hook(_masking_hook(keep_mlp))]
-        try:
+        keep_attn, keep_mlp = prune_layer(i, *_input_norms(model, adapter, i, hidden))
+        with _pre_hooks([(layers[i].self_attn.o_proj, _masking_hook(keep_attn)),
+                         (layers[i].mlp.down_proj, _masking_hook(keep_mlp))]):
             hidden = [_run_layer(model, adapter, i, h) for h in hidden]
-        finally:
-            for h in handles:
-                h.remove()
