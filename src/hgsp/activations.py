@@ -4,13 +4,13 @@ One forward pass (no gradients) with hooks gathers what FLAP, ShortGPT and bias 
 need:
 
 - for the input of every ``o_proj`` and ``down_proj`` (the features a KV group or MLP channel
-  owns), the per-feature sum and sum of squares: mean (bias compensation), variance (FLAP's
-  fluctuation) and L2 norm (Wanda) all follow from them;
+  owns), the per-feature sum and sum of squares: mean (bias compensation) and variance (FLAP's
+  fluctuation) follow from them;
 - for every decoder layer, the summed cosine similarity of its input and output hidden state
-  per token (ShortGPT's Block Influence).
+  per token (ShortGPT's Block Influence; the last layer's output after the final norm).
 
-Wanda-sp measures layer after layer instead (:func:`sequential_input_norms`), each layer on the
-output of the layers before it already pruned, as its reference implementation does.
+Wanda-sp measures layer after layer instead (:func:`prune_layers_sequentially`), each layer on
+the output of the layers before it already pruned, as its reference implementation does.
 
 Sums are kept in float64 so that millions of tokens add up without loss.
 """
@@ -40,6 +40,7 @@ class ActivationStats:
     mlp_sum: torch.Tensor  # (L, intermediate): input of down_proj
     mlp_sumsq: torch.Tensor
     cosine_sum: torch.Tensor  # (L,): sum over tokens of cos(layer input, layer output)
+    # (the last layer's output after the final norm, see collect_activation_stats)
     tokens: int
 
     def mean(self, kind: str) -> torch.Tensor:
@@ -49,10 +50,6 @@ class ActivationStats:
         """Unbiased per-feature variance over the tokens."""
         s, sq, n = getattr(self, f"{kind}_sum"), getattr(self, f"{kind}_sumsq"), self.tokens
         return ((sq - s * s / n) / max(n - 1, 1)).clamp(min=0)
-
-    def norm(self, kind: str) -> torch.Tensor:
-        """Per-feature L2 norm over all tokens (Wanda's ``||X_j||``)."""
-        return getattr(self, f"{kind}_sumsq").sqrt()
 
 
 def _first_tensor(value):
@@ -83,9 +80,10 @@ def collect_activation_stats(model: nn.Module, adapter: Adapter, windows: torch.
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = _first_tensor(output)
             if index == n - 1:
-                # ShortGPT's reference code compares the model's hidden_states[i] and [i+1]; in
-                # transformers the last of them is after the final norm.
-                x_out = final_norm(x_out)
+                # ShortGPT's reference code (icip-cas/ShortGPT) compares the model's
+                # hidden_states[i] and [i+1]; in transformers the last of them is after the
+                # final norm. (With a device_map the norm may sit on another device.)
+                x_out = final_norm(x_out).to(x_in.device)
             cosine[index] += token_cosine_sum(x_in, x_out).cpu()
         return hook
 
@@ -104,13 +102,14 @@ def collect_activation_stats(model: nn.Module, adapter: Adapter, windows: torch.
 
 
 def _run_layer(model, adapter: Adapter, index: int, hidden: torch.Tensor) -> torch.Tensor:
-    """Output of decoder layer ``index`` (before any final norm) for its input ``hidden``."""
+    """Output of decoder layer ``index`` (before any final norm) for its input ``hidden``, on
+    the CPU (the windows' hidden states wait there between layers)."""
     out = []
     handle = adapter.layers(model)[index].register_forward_hook(
-        lambda _m, _args, output: out.append(_first_tensor(output).detach()))
+        lambda _m, _args, output: out.append(_first_tensor(output).detach().cpu()))
     try:
         with only_layers(model, adapter, index, index + 1):
-            model.model(inputs_embeds=hidden, use_cache=False)
+            model.model(inputs_embeds=hidden.to(input_device(model)), use_cache=False)
     finally:
         handle.remove()
     return out[0]
@@ -133,7 +132,7 @@ def _pre_hooks(pairs):
             h.remove()
 
 
-def _input_norms(model, adapter: Adapter, index: int, hidden: list) -> tuple:
+def _layer_input_norms(model, adapter: Adapter, index: int, hidden: list) -> tuple:
     """L2 norm of every o_proj and down_proj input feature of layer ``index`` over ``hidden``."""
     layer = adapter.layers(model)[index]
     sumsq = {}
@@ -152,21 +151,26 @@ def _input_norms(model, adapter: Adapter, index: int, hidden: list) -> tuple:
 
 
 @torch.no_grad()
-def sequential_input_norms(model: nn.Module, adapter: Adapter, windows: torch.Tensor,
-                           batch_size: int, prune_layer) -> None:
-    """Wanda-sp's statistics gathered layer after layer, with the earlier layers pruned.
+def prune_layers_sequentially(model: nn.Module, adapter: Adapter, windows: torch.Tensor,
+                              batch_size: int, prune_layer) -> None:
+    """Wanda-sp's pass: decide each layer's pruning on the output of the earlier layers pruned.
 
     For each layer i in order, the L2 norm of every o_proj and down_proj input feature is
-    measured on the calibration windows as they come out of layers 0..i-1 *already pruned*;
+    measured on the calibration windows as they come out of layers 0..i-1 *already pruned* (and
+    layer i whole: its MLP sees its own attention unpruned, as in FLAP's code);
     ``prune_layer(i, attn_norm, mlp_norm)`` decides and returns the boolean keep-masks of those
     features, and layer i's output is recomputed with the removed features zeroed (the same as
-    removing them) to feed layer i+1. The hidden states of all windows are held between layers.
+    removing them) to feed layer i+1. The model's weights are not changed; the hidden states of
+    all windows wait on the CPU between layers.
     """
     dev = input_device(model)
-    hidden = [model.get_input_embeddings()(ids.to(dev)) for ids in torch.split(windows, batch_size)]
+    hidden = [model.get_input_embeddings()(ids.to(dev)).cpu()
+              for ids in torch.split(windows, batch_size)]
     layers = adapter.layers(model)
-    for i in tqdm(range(len(layers)), desc="Wanda-sp statistics", leave=False):
-        keep_attn, keep_mlp = prune_layer(i, *_input_norms(model, adapter, i, hidden))
+    for i in tqdm(range(len(layers)), desc="Wanda-sp layer by layer", leave=False):
+        keep_attn, keep_mlp = prune_layer(i, *_layer_input_norms(model, adapter, i, hidden))
+        if i == len(layers) - 1:
+            break  # nothing reads the last layer's output
         with _pre_hooks([(layers[i].self_attn.o_proj, _masking_hook(keep_attn)),
                          (layers[i].mlp.down_proj, _masking_hook(keep_mlp))]):
             hidden = [_run_layer(model, adapter, i, h) for h in hidden]

@@ -63,8 +63,8 @@ def _removed(layer: nn.Module, kind: str):
 @contextmanager
 def only_layers(model: nn.Module, adapter: Adapter, start: int, stop: int | None = None):
     """Make the decoder run layers ``start..stop-1`` only (same module objects, no copy); fed
-    ``inputs_embeds`` = the input of layer ``start``, it returns what the model would after
-    them (through the final norm)."""
+    ``inputs_embeds`` = the input of layer ``start``, it returns what the model would return
+    after them (through the final norm)."""
     inner = model.model
     layers, config = inner.layers, inner.config
     stop = len(layers) if stop is None else stop

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .activations import ActivationStats, sequential_input_norms
+from .activations import ActivationStats, prune_layers_sequentially
 from .adapters import Adapter
 from .analysis import RemovalAnalysis
 from .baselines import block_influence, flap_scores, fluctuation, wanda_sp_scores
@@ -47,7 +47,8 @@ class Measurements:
     importance: Importance | None = None
     analysis: RemovalAnalysis | None = None
     stats: ActivationStats | None = None
-    # the calibration windows themselves, for the refit of the output projections
+    # the calibration windows themselves, for the refit of the output projections and for
+    # Wanda-sp's layer-by-layer pass
     calibration: torch.Tensor | None = None
 
 
@@ -83,7 +84,7 @@ def select_hgsp(m: Measurements, adapter: Adapter, cfg, budget: int):
 
 
 def llm_pruner_range(n_layers: int) -> tuple[int, int]:
-    """LLM-Pruner's default layers 4..30 of LLaMA-7B's 32, scaled to ``n_layers``."""
+    """LLM-Pruner's default ``range(4, 30)`` of LLaMA-7B's 32 layers, scaled to ``n_layers``."""
     return round(4 * n_layers / 32), n_layers - round(2 * n_layers / 32)
 
 
@@ -123,11 +124,15 @@ def _uniform_mask(table: GroupTable, layers: range, heads: int, channels: int) -
     return selected
 
 
-def select_uniform(attn: torch.Tensor, mlp: torch.Tensor, adapter: Adapter, budget: int,
-                   layers: range, round_to: int):
+def _uniform_counts(adapter: Adapter, layers: range, budget: int, round_to: int):
+    return uniform_counts(adapter.dims(), adapter.attn_group_cost(), adapter.mlp_channel_cost(),
+                          len(layers), budget, round_to)
+
+
+def select_uniform(attn: torch.Tensor, mlp: torch.Tensor, adapter: Adapter, layers: range,
+                   heads: int, channels: int):
+    """The lowest ``heads`` KV groups and ``channels`` MLP channels of every layer of ``layers``."""
     table = _table(attn, mlp, adapter, per_parameter=False)
-    heads, channels = uniform_counts(adapter.dims(), adapter.attn_group_cost(),
-                                     adapter.mlp_channel_cost(), len(layers), budget, round_to)
     log.info("uniform pruning of layers %d..%d: %d KV groups and %d MLP channels each",
              layers.start, layers.stop - 1, heads, channels)
     selection = selection_from_mask(table, fixed_costs(adapter),
@@ -136,9 +141,9 @@ def select_uniform(attn: torch.Tensor, mlp: torch.Tensor, adapter: Adapter, budg
 
 
 def select_llm_pruner(m: Measurements, adapter: Adapter, cfg, budget: int):
-    start, stop = llm_pruner_range(m.importance.attn.shape[0])
-    return select_uniform(m.importance.attn, m.importance.mlp, adapter, budget,
-                          range(start, stop), cfg.round_to)
+    layers = range(*llm_pruner_range(m.importance.attn.shape[0]))
+    return select_uniform(m.importance.attn, m.importance.mlp, adapter, layers,
+                          *_uniform_counts(adapter, layers, budget, cfg.round_to))
 
 
 def _projection_metrics(model, adapter: Adapter, metric):
@@ -178,17 +183,17 @@ def wanda_sp_metrics(model, adapter: Adapter, windows: torch.Tensor, batch_size:
         return (_keep_mask(attn_norm.numel(), attn.numel(), lowest(attn, heads), group_width),
                 _keep_mask(mlp_norm.numel(), mlp.numel(), lowest(mlp, channels), 1))
 
-    sequential_input_norms(model, adapter, windows, batch_size, prune_layer)
+    prune_layers_sequentially(model, adapter, windows, batch_size, prune_layer)
     return torch.stack(attn_rows), torch.stack(mlp_rows)
 
 
 def select_wanda_sp(m: Measurements, adapter: Adapter, cfg, budget: int, model):
-    n_layers = adapter.dims().num_layers
-    heads, channels = uniform_counts(adapter.dims(), adapter.attn_group_cost(),
-                                     adapter.mlp_channel_cost(), n_layers, budget, cfg.round_to)
+    layers = range(adapter.dims().num_layers)
+    heads, channels = _uniform_counts(adapter, layers, budget, cfg.round_to)
     attn, mlp = wanda_sp_metrics(model, adapter, m.calibration, cfg.gradient_batch_size, heads,
                                  channels)
-    return select_uniform(attn, mlp, adapter, budget, range(n_layers), cfg.round_to)
+    # the same lowest-first choice as in the pass, now on the stacked scores
+    return select_uniform(attn, mlp, adapter, layers, heads, channels)
 
 
 def flap_metrics(model, adapter: Adapter, stats: ActivationStats):
