@@ -39,14 +39,12 @@ ROWS = {
     "hgsp_tau_inf": ("H-GSP τ=∞ (layer-wise)", {"tau": float("inf")}),
     "hgsp_tau_inf_eps0": ("H-GSP τ=∞ ε=0", {"tau": float("inf"), "epsilon": 0.0}),
     "hgsp_q40": ("H-GSP τ at the 40th percentile", {"tau_quantile": 0.4}),
+    "hgsp_t0": ("H-GSP T=0 (pure Taylor)", {"temperature": 0.0}),
+    "hgsp_tau_0": ("H-GSP τ=0 (block-wise)", {"tau": 0.0}),
     # Rows measured before a later default are pinned to the settings of their time, so that
     # regenerating them gives what the table shows; their labels say what they lack.
     "hgsp_block_alone": ("H-GSP without the Shapley share or the refit",
                          {"block_delta": "alone", "refit_outputs": False}),
-    "hgsp_t0": ("H-GSP T=0 (pure Taylor), without the refit",
-                {"temperature": 0.0, "refit_outputs": False}),
-    "hgsp_tau_0": ("H-GSP τ=0 (block-wise), single-block Δ, without the refit",
-                   {"tau": 0.0, "block_delta": "alone", "refit_outputs": False}),
     "hgsp_norm_none": ("H-GSP without normalization, single-block Δ, without the refit",
                        {"importance_norm": "none", "block_delta": "alone",
                         "refit_outputs": False}),
