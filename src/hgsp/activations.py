@@ -52,6 +52,17 @@ class ActivationStats:
         return ((sq - s * s / n) / max(n - 1, 1)).clamp(min=0)
 
 
+def _sums_hook(sums: dict, key):
+    """Forward pre-hook adding the per-feature sum and sum of squares of a linear's input to
+    ``sums[key]`` (float64, on the CPU)."""
+    def hook(_module, inputs):
+        x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+        acc = sums.setdefault(key, [0.0, 0.0])
+        acc[0] = acc[0] + x.sum(dim=0).cpu()
+        acc[1] = acc[1] + x.pow(2).sum(dim=0).cpu()
+    return hook
+
+
 def _first_tensor(value):
     return value[0] if isinstance(value, (tuple, list)) else value
 
@@ -64,14 +75,6 @@ def collect_activation_stats(model: nn.Module, adapter: Adapter, windows: torch.
     n = len(layers)
     sums: dict[tuple[str, int], list[torch.Tensor]] = {}
     cosine = torch.zeros(n, dtype=torch.float64)
-
-    def feature_hook(kind, index):
-        def hook(_module, inputs):
-            x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
-            acc = sums.setdefault((kind, index), [0.0, 0.0])
-            acc[0] = acc[0] + x.sum(dim=0).cpu()
-            acc[1] = acc[1] + x.pow(2).sum(dim=0).cpu()
-        return hook
 
     final_norm = model.model.norm
 
@@ -89,8 +92,10 @@ def collect_activation_stats(model: nn.Module, adapter: Adapter, windows: torch.
 
     handles = []
     for index, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(feature_hook("attn", index)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(feature_hook("mlp", index)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+            _sums_hook(sums, ("attn", index))))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(
+            _sums_hook(sums, ("mlp", index))))
         handles.append(layer.register_forward_hook(layer_hook(index), with_kwargs=True))
     forward_windows(model, windows, batch_size, handles, "activation statistics")
 
@@ -135,19 +140,12 @@ def _pre_hooks(pairs):
 def _layer_input_norms(model, adapter: Adapter, index: int, hidden: list) -> tuple:
     """L2 norm of every o_proj and down_proj input feature of layer ``index`` over ``hidden``."""
     layer = adapter.layers(model)[index]
-    sumsq = {}
-
-    def norm_hook(kind):
-        def hook(_module, inputs):
-            x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
-            sumsq[kind] = sumsq.get(kind, 0.0) + x.pow(2).sum(dim=0).cpu()
-        return hook
-
-    with _pre_hooks([(layer.self_attn.o_proj, norm_hook("attn")),
-                     (layer.mlp.down_proj, norm_hook("mlp"))]):
+    sums = {}
+    with _pre_hooks([(layer.self_attn.o_proj, _sums_hook(sums, "attn")),
+                     (layer.mlp.down_proj, _sums_hook(sums, "mlp"))]):
         for h in hidden:
             _run_layer(model, adapter, index, h)
-    return sumsq["attn"].sqrt(), sumsq["mlp"].sqrt()
+    return sums["attn"][1].sqrt(), sums["mlp"][1].sqrt()
 
 
 @torch.no_grad()

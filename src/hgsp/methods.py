@@ -158,10 +158,11 @@ def _projection_metrics(model, adapter: Adapter, metric):
     return torch.stack(attn), torch.stack(mlp)
 
 
-def _keep_mask(width: int, units: int, removed: torch.Tensor, unit_width: int) -> torch.Tensor:
+def _keep_mask(units: int, removed: torch.Tensor, unit_width: int) -> torch.Tensor:
+    """Keep-mask of the ``units * unit_width`` input features, False for the removed units."""
     keep = torch.ones(units, unit_width, dtype=torch.bool)
     keep[removed] = False
-    return keep.reshape(width)
+    return keep.flatten()
 
 
 def wanda_sp_metrics(model, adapter: Adapter, windows: torch.Tensor, batch_size: int,
@@ -180,8 +181,8 @@ def wanda_sp_metrics(model, adapter: Adapter, windows: torch.Tensor, batch_size:
             mlp = wanda_sp_scores(down_proj.weight.detach().cpu(), mlp_norm, 1)
         attn_rows.append(attn)
         mlp_rows.append(mlp)
-        return (_keep_mask(attn_norm.numel(), attn.numel(), lowest(attn, heads), group_width),
-                _keep_mask(mlp_norm.numel(), mlp.numel(), lowest(mlp, channels), 1))
+        return (_keep_mask(attn.numel(), lowest(attn, heads), group_width),
+                _keep_mask(mlp.numel(), lowest(mlp, channels), 1))
 
     prune_layers_sequentially(model, adapter, windows, batch_size, prune_layer)
     return torch.stack(attn_rows), torch.stack(mlp_rows)
