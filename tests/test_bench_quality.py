@@ -75,3 +75,18 @@ def test_an_update_replaces_a_row_only_when_its_new_figures_exist(bq):
     rows = bq._replaced(old, new)
     assert [(r["row"], r["ratio"], r["label"]) for r in rows] == [
         ("hgsp", 0.2, "a"), ("hgsp_t0", 0.5, "b"), ("hgsp_t0", 0.2, "b2")]
+
+
+def test_a_row_keeps_both_zero_shot_conventions(bq, monkeypatch):
+    import hgsp.evaluate
+
+    tasks = {"piqa": {"acc": 0.6, "acc_norm": 0.7}, "winogrande": {"acc": 0.5, "acc_norm": None}}
+    result = {"efficiency": {"parameters": {"total": 10},
+                             "speed": {"batch1": {"decode_tokens_per_s": 3.0}}},
+              "ppl": {d: {"128": {"ppl": 9.0, "windows": 4, "capped": False}}
+                      for d in ("wikitext2", "ptb")},
+              "zeroshot": {"tasks": tasks, "mean_acc": 0.55, "mean_acc_norm": 0.6}}
+    monkeypatch.setattr(hgsp.evaluate, "evaluate_model", lambda *a, **k: result)
+    row = bq.evaluate(None, None, None)
+    assert (row["zeroshot_mean"], row["zeroshot_mean_norm"]) == (0.55, 0.6)
+    assert row["zeroshot"] == {"piqa": 0.6, "winogrande": 0.5}
