@@ -21,6 +21,7 @@ from conftest import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
 from hgsp import zeroshot  # noqa: E402
 from hgsp.adapters import adapter_for  # noqa: E402
 from hgsp.errors import UserError  # noqa: E402
+from hgsp.paired import paired_zeroshot  # noqa: E402
 from hgsp.plan import uniform_plan  # noqa: E402
 from hgsp.surgery import apply_plan  # noqa: E402
 
@@ -132,6 +133,16 @@ def check_result(result: dict, tasks: list[str], n: int, limit) -> None:
     assert result["lm_eval_version"].startswith("0.4.")
     assert set(result["data"]) == set(tasks)
     assert all(f"{n} of" in d for d in result["data"].values())
+    # Per-document outcomes (for paired comparisons) agree with lm-eval's aggregates.
+    assert list(result["documents"]) == tasks
+    for name, row in result["tasks"].items():
+        docs = result["documents"][name]
+        assert len(docs["acc"]) == n and set(docs["acc"]) <= {"0", "1"}
+        assert docs["acc"].count("1") / n == pytest.approx(row["acc"]), name
+        if row["acc_norm"] is None:
+            assert docs["acc_norm"] is None
+        else:
+            assert docs["acc_norm"].count("1") / n == pytest.approx(row["acc_norm"]), name
 
 
 # --------------------------------------------------------------------------- task names
@@ -250,3 +261,15 @@ def test_pruned_model_with_removed_layer_runs(tok, zs_root):
     result = zeroshot.run_zeroshot(pruned, tok, tasks, limit=2, batch_size=8,
                                    data_root=zs_root)
     check_result(result, tasks, n=2, limit=2)
+    # Paired against the base model on the same documents: the per-task differences are
+    # the differences of lm-eval's accuracies.
+    before = zeroshot.run_zeroshot(base, tok, tasks, limit=2, batch_size=8, data_root=zs_root)
+    paired = paired_zeroshot(result, before)
+    assert [r["task"] for r in paired["tasks"]] == tasks
+    for row in paired["tasks"]:
+        expected = result["tasks"][row["task"]]["acc"] - before["tasks"][row["task"]]["acc"]
+        assert row["diff"] == pytest.approx(expected)
+    assert paired["mean"]["diff"] == pytest.approx(result["mean_acc"] - before["mean_acc"])
+    with pytest.raises(UserError, match="scored 2 and 4 documents"):
+        paired_zeroshot(result, zeroshot.run_zeroshot(base, tok, ["boolq"], batch_size=8,
+                                                      data_root=zs_root))

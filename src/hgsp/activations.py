@@ -52,13 +52,14 @@ class ActivationStats:
         return ((sq - s * s / n) / max(n - 1, 1)).clamp(min=0)
 
 
-def _sums_hook(sums: dict, key):
-    """Forward pre-hook adding the per-feature sum and sum of squares of a linear's input to
-    ``sums[key]`` (float64, on the CPU)."""
+def _sums_hook(sums: dict, key, with_sum: bool = True):
+    """Forward pre-hook adding the per-feature sum (unless ``with_sum`` is False) and sum of
+    squares of a linear's input to ``sums[key]`` (float64, on the CPU)."""
     def hook(_module, inputs):
         x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
         acc = sums.setdefault(key, [0.0, 0.0])
-        acc[0] = acc[0] + x.sum(dim=0).cpu()
+        if with_sum:
+            acc[0] = acc[0] + x.sum(dim=0).cpu()
         acc[1] = acc[1] + x.pow(2).sum(dim=0).cpu()
     return hook
 
@@ -141,8 +142,9 @@ def _layer_input_norms(model, adapter: Adapter, index: int, hidden: list) -> tup
     """L2 norm of every o_proj and down_proj input feature of layer ``index`` over ``hidden``."""
     layer = adapter.layers(model)[index]
     sums = {}
-    with _pre_hooks([(layer.self_attn.o_proj, _sums_hook(sums, "attn")),
-                     (layer.mlp.down_proj, _sums_hook(sums, "mlp"))]):
+    # Only the squares: the norms need no per-feature sum.
+    with _pre_hooks([(layer.self_attn.o_proj, _sums_hook(sums, "attn", with_sum=False)),
+                     (layer.mlp.down_proj, _sums_hook(sums, "mlp", with_sum=False))]):
         for h in hidden:
             _run_layer(model, adapter, index, h)
     return sums["attn"][1].sqrt(), sums["mlp"][1].sqrt()

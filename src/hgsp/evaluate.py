@@ -73,6 +73,8 @@ class EvalSettings:
                     "zeroshot": ("zeroshot_tasks", "zeroshot_limit")}[kind]
         payload = {k: getattr(self, k) for k in relevant}
         payload.update(fingerprint=fingerprint, kind=kind, hgsp=__version__)
+        if kind == "zeroshot":  # results now hold per-document outcomes: older ones lack them
+            payload["documents"] = True
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 

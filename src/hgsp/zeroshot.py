@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
 import math
@@ -473,10 +474,12 @@ def run_zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None,
     Returns:
         ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}},
         "mean_acc", "mean_acc_norm", "limit", "num_fewshot", "lm_eval_version", "data",
-        "acc_norm_from_acc", "seconds"}``. ``acc_norm`` is ``None`` for tasks that lm-eval
-        scores with ``acc`` only (BoolQ, WinoGrande); ``mean_acc_norm`` then takes their
-        ``acc`` (the usual convention of the pruning papers), and ``acc_norm_from_acc``
-        lists those tasks.
+        "acc_norm_from_acc", "documents", "seconds"}``. ``acc_norm`` is ``None`` for tasks
+        that lm-eval scores with ``acc`` only (BoolQ, WinoGrande); ``mean_acc_norm`` then
+        takes their ``acc`` (the usual convention of the pruning papers), and
+        ``acc_norm_from_acc`` lists those tasks. ``documents`` holds each task's
+        per-document outcomes (see :func:`per_document`), for paired comparisons of two
+        models (:mod:`hgsp.paired`).
 
     Raises:
         UserError: lm-eval is not installed, a task is unknown, or its data is missing.
@@ -500,7 +503,7 @@ def run_zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None,
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                       backend="causal")
             out = simple_evaluate(model=lm, tasks=list(task_objs.values()), num_fewshot=None,
-                                  limit=limit, task_manager=manager, log_samples=False,
+                                  limit=limit, task_manager=manager, log_samples=True,
                                   bootstrap_iters=1000, random_seed=None,
                                   numpy_random_seed=None, torch_random_seed=None)
         finally:
@@ -529,10 +532,32 @@ def run_zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None,
               "num_fewshot": 0,
               "lm_eval_version": _lm_eval_version(),
               "data": data,
+              "documents": {name: per_document(out["samples"][name]) for name in names},
               "seconds": round(seconds, 2)}
     log.info("zero-shot mean over %d tasks: acc %.4f, acc_norm %.4f (%.1f s)", len(names),
              result["mean_acc"], result["mean_acc_norm"], seconds)
     return result
+
+
+def per_document(samples: list[dict]) -> dict:
+    """One task's per-document outcomes from lm-eval's logged samples, in document order.
+
+    Each outcome string has one character per document, ``"1"`` where the model chose the
+    right answer and ``"0"`` where not (a compact form that keeps result files small even
+    for the 10,042 HellaSwag documents). ``acc_norm`` is ``None`` for tasks scored with
+    ``acc`` only. ``docs_sha256`` hashes lm-eval's document hashes in order, so that a
+    paired comparison can check that two runs scored the same documents.
+    """
+    ordered = sorted(samples, key=lambda s: int(s["doc_id"]))
+
+    def outcomes(key: str) -> str | None:
+        if any(s.get(key) is None for s in ordered):
+            return None
+        return "".join("1" if float(s[key]) > 0.5 else "0" for s in ordered)
+
+    digest = hashlib.sha256("\n".join(str(s.get("doc_hash", "")) for s in ordered).encode())
+    return {"acc": outcomes("acc"), "acc_norm": outcomes("acc_norm"),
+            "docs_sha256": digest.hexdigest()}
 
 
 def _mean(values: list[float]) -> float:
@@ -540,4 +565,4 @@ def _mean(values: list[float]) -> float:
 
 
 __all__ = ["SUITES", "TASKS", "TaskSource", "resolve_tasks", "run_zeroshot", "check_task_data",
-           "load_local_split", "find_local", "build_tasks", "default_data_roots"]
+           "load_local_split", "find_local", "build_tasks", "default_data_roots", "per_document"]
