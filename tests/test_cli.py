@@ -286,3 +286,33 @@ def test_replay_bad_config(tmp_path, capsys):
 def test_missing_required_flag(capsys):
     assert main(["prune", "--output_name", "x"]) == 2
     assert "--base_model is required" in capsys.readouterr().err
+
+
+def test_exported_calibration_windows_are_the_runs(finished_run, tiny_model_dir, data_dir,
+                                                   tmp_path):
+    """benchmarks/export_calibration.py writes the windows `prune` calibrated on."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "export_calibration", ROOT / "benchmarks" / "export_calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "calibration"
+    assert module.main(["--model", str(tiny_model_dir), "--data_dir", str(data_dir),
+                        "--dataset", "c4", "--num_examples", "4", "--seq_len", "16",
+                        "--analysis_samples", "2", "--out_dir", str(out)]) == 0
+    recorded = json.loads((finished_run / "summary.json").read_text())["calibration"]
+    meta = json.loads((out / "calibration_meta.json").read_text())
+    assert meta["calibration_windows"] == recorded["windows"]
+    assert meta["analysis_windows"] == recorded["analysis_windows"]
+    ids = torch.load(out / "calibration.pt", weights_only=True)
+    assert ids["calibration"].shape == (4, 16) and ids["analysis"].shape == (2, 16)
+    lines = [json.loads(line) for line in (out / "calibration.jsonl").read_text().splitlines()]
+    assert [x["split"] for x in lines] == ["calibration"] * 4 + ["analysis"] * 2
+    assert [x["index"] for x in lines] == recorded["windows"] + recorded["analysis_windows"]
+    assert lines[0]["input_ids"] == ids["calibration"][0].tolist()
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    # A bad corpus name is a one-line error and a non-zero exit, and writes nothing.
+    assert module.main(["--model", str(tiny_model_dir), "--data_dir", str(data_dir),
+                        "--dataset", "nope", "--out_dir", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
