@@ -21,6 +21,10 @@ After recovery fine-tuning (``--finetune``) ``models`` also holds ``finetuned`` 
 then the model before fine-tuning), and ``finetuned_ratios`` holds ``vs_pruned`` and
 ``vs_base``, each with the keys of ``ratios`` (finetuned relative to that model).
 
+``zeroshot`` is the result of :func:`hgsp.zeroshot.run_zeroshot`; its ``documents`` entry
+holds every task's per-document outcomes, for paired comparisons of two models
+(:mod:`hgsp.paired`, ``benchmarks/paired_zeroshot.py``).
+
 A model evaluated alone has only ``models.model``. Perplexity and zero-shot results of a base
 model are cached under ``$HGSP_HOME/cache/eval`` keyed by the model's fingerprint and the
 settings, so a sweep of ratios evaluates the base once; efficiency is always measured afresh,
