@@ -54,6 +54,7 @@ def export(args) -> dict:
     from transformers import AutoTokenizer
 
     from hgsp.assets import asset_paths
+    from hgsp.cache import atomic_write
     from hgsp.data import build_calibration_set, load_corpus
 
     model = args.model or str(asset_paths()["model"])
@@ -77,23 +78,11 @@ def export(args) -> dict:
             lines.append(json.dumps({"split": name, "index": index, "input_ids": row,
                                      "text": tokenizer.decode(row)}))
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / "calibration.pt", lambda p: torch.save(ids, p))
-    _write(out / "calibration.jsonl", lambda p: Path(p).write_text("\n".join(lines) + "\n"))
-    _write(out / "calibration_meta.json",
-           lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / "calibration.pt", lambda p: torch.save(ids, p))
+    atomic_write(out / "calibration.jsonl", lambda p: p.write_text("\n".join(lines) + "\n"))
+    atomic_write(out / "calibration_meta.json",
+                 lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return meta
-
-
-def _write(path: Path, writer) -> None:
-    """Write through a temporary file in the same folder, so no half-written file remains."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None) -> int:

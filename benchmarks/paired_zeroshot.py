@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from hgsp.cache import atomic_write  # noqa: E402
 from hgsp.errors import UserError  # noqa: E402
 from hgsp.paired import markdown, paired_zeroshot  # noqa: E402
 
@@ -78,11 +79,8 @@ def main() -> int:
     print(f"a = {label_a}\nb = {label_b}\nmetric: {args.metric}\n")
     print(markdown(result, names))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        atomic_write(Path(args.out), lambda tmp: tmp.write_text(json.dumps(result, indent=2)
+                                                                + "\n"))
     return 0
 
 

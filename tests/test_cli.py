@@ -311,7 +311,7 @@ def test_exported_calibration_windows_are_the_runs(finished_run, tiny_model_dir,
     assert [x["split"] for x in lines] == ["calibration"] * 4 + ["analysis"] * 2
     assert [x["index"] for x in lines] == recorded["windows"] + recorded["analysis_windows"]
     assert lines[0]["input_ids"] == ids["calibration"][0].tolist()
-    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.tmp*"))
     # A bad corpus name is a one-line error and a non-zero exit, and writes nothing.
     assert module.main(["--model", str(tiny_model_dir), "--data_dir", str(data_dir),
                         "--dataset", "nope", "--out_dir", str(tmp_path / "bad")]) == 2

@@ -88,11 +88,12 @@ def paired_task(task: str, a: str, b: str) -> PairedTask:
     n = len(a)
     if n == 0:
         raise UserError(f"zero-shot task {task}: no documents to compare")
-    diffs = [int(x) - int(y) for x, y in zip(a, b)]
-    only_a, only_b = diffs.count(1), diffs.count(-1)
+    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
     mean = (only_a - only_b) / n
-    # Sample variance of the per-document differences (values −1, 0, 1).
-    var = (sum(d * d for d in diffs) - n * mean * mean) / (n - 1) if n > 1 else 0.0
+    # Sample variance of the per-document differences (values −1, 0, 1: their squares sum
+    # to the discordant count).
+    var = (only_a + only_b - n * mean * mean) / (n - 1) if n > 1 else 0.0
     return PairedTask(task=task, n=n, acc_a=a.count("1") / n, acc_b=b.count("1") / n,
                       diff=mean, se=math.sqrt(max(var, 0.0) / n), only_a=only_a,
                       only_b=only_b, p_mcnemar=mcnemar_exact(only_a, only_b))
