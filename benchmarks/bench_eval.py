@@ -52,6 +52,7 @@ def table(doc: dict) -> str:
 
 def main() -> int:
     from hgsp.assets import asset_paths
+    from hgsp.atomic import atomic_write
     from hgsp.evaluate import evaluate_paths, parse_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,8 +70,7 @@ def main() -> int:
     start = time.perf_counter()
     doc = evaluate_paths(args.model, settings, output=None)
     doc["wall_s"] = time.perf_counter() - start
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    atomic_write(Path(args.out), lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n"))
     print(table(doc))
     print(f"\nwall time {doc['wall_s']:.0f} s; {doc['machine']}")
     return 0

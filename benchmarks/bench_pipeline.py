@@ -148,6 +148,7 @@ def analysis_run(model_path: str, samples: int, seq_len: int, batch: int,
 
 def main() -> int:
     from hgsp.assets import asset_paths
+    from hgsp.atomic import atomic_write
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(asset_paths()["model"]))
@@ -175,8 +176,7 @@ def main() -> int:
                   "second_run_other_ratio": {**second, "ratio": args.second_ratio},
                   "analysis": analysis(), "machine": machine(),
                   "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(Path(args.out), lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     print(table(report))
     return 0
 

@@ -337,7 +337,7 @@ def _write(out_dir: Path, rows: list[dict], settings: dict) -> None:
     import torch
     import transformers
 
-    from hgsp.cache import atomic_write
+    from hgsp.atomic import atomic_write
 
     doc = {"settings": settings, "machine": {"platform": platform.platform(),
                                                "cpus": os.cpu_count(),

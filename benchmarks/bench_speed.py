@@ -83,6 +83,7 @@ def main() -> int:
     import torch
 
     from hgsp.assets import asset_paths
+    from hgsp.atomic import atomic_write
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(asset_paths()["model"]))
@@ -103,8 +104,7 @@ def main() -> int:
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(Path(args.out), lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     print(table(results))
     return 0
 

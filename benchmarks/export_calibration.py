@@ -54,7 +54,7 @@ def export(args) -> dict:
     from transformers import AutoTokenizer
 
     from hgsp.assets import asset_paths
-    from hgsp.cache import atomic_write
+    from hgsp.atomic import atomic_write
     from hgsp.data import build_calibration_set, load_corpus
 
     model = args.model or str(asset_paths()["model"])

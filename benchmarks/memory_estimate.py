@@ -88,6 +88,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from hgsp.atomic import atomic_write  # noqa: E402  (torch-free)
+
 GIB = 2 ** 30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
@@ -105,7 +108,6 @@ def _defaults() -> dict:
     names = {"gradient_batch_size": 4, "gradient_passes": 2, "seq_len": 128,
              "analysis_batch_size": 8, "analysis_samples": 16, "pruning_ratio": 0.5}
     try:
-        sys.path.insert(0, str(ROOT / "src"))
         from hgsp.config import PruneConfig
 
         fields = PruneConfig.__dataclass_fields__
@@ -322,8 +324,7 @@ def main(argv=None) -> int:
               f"in prunable linears; gradient checkpointing lowers the calibration peak only "
               f"above --seq_len = {cross} tokens (0: at any length)")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     print(f"\nwrote {out}")
     return 0
 

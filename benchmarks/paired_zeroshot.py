@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from hgsp.cache import atomic_write  # noqa: E402
+from hgsp.atomic import atomic_write  # noqa: E402
 from hgsp.errors import UserError  # noqa: E402
 from hgsp.paired import markdown, paired_zeroshot  # noqa: E402
 

@@ -128,6 +128,7 @@ def main(argv=None) -> int:
 
     from hgsp.adapters import adapter_for
     from hgsp.assets import asset_paths
+    from hgsp.atomic import atomic_write
     from hgsp.config import PruneConfig
     from hgsp.data import load_corpus
     from hgsp.modelio import load_model
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(row, flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+        doc = {"settings": vars(args), "rows": rows}
+        atomic_write(Path(args.out), lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
     return 0
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import tiny_model
 from hgsp.cli import main
+from hgsp.atomic import atomic_write
 from hgsp.errors import UserError, naming_path, write_failure
 from hgsp.save import ResultsDir, save_bin
 
@@ -109,3 +110,24 @@ def test_cli_names_a_full_disk_outside_a_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("hgsp.cli._run", full)
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: disk full while writing '{target}': free space\n"
+
+
+def test_failed_atomic_write_keeps_the_earlier_file(tmp_path):
+    """Outputs written outside a run's temporary folder (benchmark JSON, ``hgsp compare``
+    tables, reports) go through atomic_write: a write that fails half-way leaves the earlier
+    file as it was and no temporary file behind."""
+    target = tmp_path / "comparison.md"
+    target.write_text("earlier result")
+
+    def half_then_full(tmp):
+        tmp.write_text("half a tab")
+        raise RuntimeError("I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(OSError) as info:
+        atomic_write(target, half_then_full)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_text() == "earlier result"
+    assert [p.name for p in tmp_path.iterdir()] == ["comparison.md"]
+    atomic_write(target, lambda tmp: tmp.write_text("new result"))
+    assert target.read_text() == "new result"
+    assert [p.name for p in tmp_path.iterdir()] == ["comparison.md"]

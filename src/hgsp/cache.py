@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .analysis import RemovalAnalysis
-from .errors import naming_path
+from .atomic import atomic_write
 from .importance import Importance
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,6 @@ def cache_key(**inputs) -> str:
     """A stable hash of everything that determines a cached result."""
     payload = json.dumps({**inputs, "hgsp": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary name beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with naming_path(path):  # write() errors carry no file name: give them the entry's
-            write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_importance(key: str) -> Importance | None:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_write
 from .report import (
     RunData,
     decode_speed,
@@ -212,7 +213,7 @@ def write_comparison(comparison: Comparison, out_dir: str | os.PathLike) -> list
     written = []
     for name, text in (("comparison.csv", comparison.csv()),
                        ("comparison.md", comparison.markdown())):
-        (out / name).write_text(text, encoding="utf-8")
+        atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
         written.append(out / name)
     points = quality_points(comparison)
     shown = {p.label for p in points if not p.is_base}

@@ -46,7 +46,7 @@ import torch
 
 from . import __version__
 from .errors import UserError
-from .cache import atomic_write
+from .atomic import atomic_write
 from .modelio import model_fingerprint
 from .perplexity import EVAL_SPLITS, perplexity
 

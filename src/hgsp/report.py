@@ -24,6 +24,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -902,9 +903,7 @@ summary{cursor:pointer;color:#4C72B0}
 # --------------------------------------------------------------------------- entry points
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_report(folder: str | os.PathLike, shown_path: Path | None = None) -> list[Path]:
