@@ -31,6 +31,8 @@ from matplotlib.ticker import (  # noqa: E402
     PercentFormatter,
 )
 
+from .atomic import atomic_write  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 DPI = 110
@@ -53,10 +55,8 @@ def _figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw):
 
 def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    tmp.replace(path)
+    # format= because the temporary name does not end in .png
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     log.debug("picture: %s", path)
     return path
 
