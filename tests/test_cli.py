@@ -134,6 +134,7 @@ BAD_INPUTS = [
     (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
     (["--importance_method", "random"], "unknown --importance_method 'random'"),
     (["--dataset", "wikitext2"], "use --dataset c4"),
+    (["--dataset", "alpaca"], "alpaca_en_demo.json is not in the local data directories"),
     (["--base_model", "/no/such/model"], "model path '/no/such/model' does not exist"),
     (["--run_evaluation", "speed"], "unknown --run_evaluation 'speed'"),
     (["--output_name", "../escape"], "must be a plain folder name"),

@@ -84,7 +84,8 @@ class PruneConfig:
                                     "keeps what is left)", choices=("all", "layer_dominant"))
     round_to: int = _f(1, "keep every layer's MLP width a multiple of N (e.g. 8 or 64) so the "
                           "pruned matrices suit fast kernels; 1 = no rounding")
-    dataset: str = _f("wikitext2", "calibration corpus (its train split)", choices=DATASETS)
+    dataset: str = _f("wikitext2", "calibration corpus (its train split); alpaca = instruction "
+                      "data, for instruction-tuned models", choices=DATASETS)
     importance_method: str = _f("taylor", "group importance", choices=IMPORTANCE_METHODS)
     num_examples: int = _f(32, "calibration windows for the importance")
     seq_len: int = _f(128, "tokens per calibration / analysis window")

@@ -10,9 +10,14 @@ Local layout of a data directory::
     wikitext2/wiki.{train,valid,test}.raw   one paragraph a line (CRLF allowed)
     ptb/ptb.{train,valid,test}.txt          one sentence a line
     c4/c4_demo.jsonl                        JSON lines with a "text" field
+    alpaca/alpaca_en_demo.json              Alpaca-format instructions (calibration only)
 
 Offline, the 300 C4 demo documents are split in two disjoint parts: the first 200 are the
 "train" split (calibration), the last 100 the "validation" split (evaluation).
+
+``alpaca`` calibrates on instruction data, each record written as its Alpaca prompt followed by
+its response: text closer to what an instruction-tuned model is used for than web pages. It has
+only a training split, so it is never an evaluation corpus.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("wikitext2", "ptb", "c4")
+DATASETS = ("wikitext2", "ptb", "c4", "alpaca")
 C4_DEMO_TRAIN_DOCS = 200  # documents [0, 200) calibrate, [200, 300) evaluate
 
 _LOCAL_FILES = {
@@ -73,6 +78,8 @@ def load_corpus(name: str, split: str, data_dir: str | None = None) -> Corpus:
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}")
+    if name == "alpaca":
+        return _alpaca_corpus(split, data_dir)
     rel = _LOCAL_FILES.get((name, split))
     if rel is None:
         raise UserError(f"dataset '{name}' has no '{split}' split")
@@ -83,6 +90,24 @@ def load_corpus(name: str, split: str, data_dir: str | None = None) -> Corpus:
             log.info("%s/%s: %d documents from %s", name, split, len(docs), path)
             return Corpus(name, split, docs, f"{path}{_c4_range(name, split)}")
     return _load_from_hub(name, split, data_dir)
+
+
+def _alpaca_corpus(split: str, data_dir: str | None) -> Corpus:
+    """Alpaca records as documents: the prompt, then the response, as in fine-tuning."""
+    from .alpaca import DEFAULT_HUB_DATASET, LOCAL_DEMO, build_prompt, load_instructions
+
+    if split != "train":
+        raise UserError(f"dataset 'alpaca' has no '{split}' split: it calibrates only; measure "
+                        "perplexity on wikitext2, ptb or c4")
+    local = [d / LOCAL_DEMO for d in data_dirs(data_dir) if (d / LOCAL_DEMO).is_file()]
+    if not local and hub_offline():
+        raise UserError(f"dataset alpaca/train: {LOCAL_DEMO} is not in the local data "
+                        f"directories ({', '.join(str(d) for d in data_dirs(data_dir))}) and the "
+                        "Hub is offline; run `hgsp fetch-assets c4` to get it")
+    data = load_instructions(str(local[0]) if local else DEFAULT_HUB_DATASET)
+    docs = [build_prompt(r) + r["output"] for r in data.records]
+    log.info("alpaca/train: %d records from %s", len(docs), data.origin)
+    return Corpus("alpaca", split, docs, data.origin)
 
 
 def _c4_range(name: str, split: str) -> str:
