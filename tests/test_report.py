@@ -58,6 +58,13 @@ def test_run_writes_pictures_and_report(runs):
     assert (evaluated / "report.md").is_file() and (evaluated / "report.html").is_file()
 
 
+def test_run_log_names_the_final_report_not_the_temporary_folder(runs):
+    evaluated, _ = runs
+    line = next(x for x in (evaluated / "logs" / "run.log").read_text().splitlines()
+                if "report: " in x)
+    assert f"{evaluated / 'report.md'}, {evaluated / 'report.html'}" in line, line
+
+
 def test_report_md_has_layer_table_and_ratio(runs):
     evaluated, _ = runs
     summary = json.loads((evaluated / "summary.json").read_text())

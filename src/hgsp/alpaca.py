@@ -101,7 +101,7 @@ def load_instructions(spec: str | None, data_dir: str | None = None) -> Instruct
     path = Path(spec).expanduser()
     if path.is_file():
         records = validate_records(read_records(path), str(path))
-        log.info("fine-tuning data: %d records from %s", len(records), path)
+        log.info("instruction data: %d records from %s", len(records), path)
         return InstructionSet(records, str(path))
     if path.exists() or _looks_like_path(spec):
         raise UserError(f"fine-tuning data file '{spec}' does not exist (or is not a file): "
@@ -183,7 +183,7 @@ def _from_hub(dataset_id: str, hint: str = "") -> InstructionSet:
                         f"{hint}") from None
     origin = f"hub:{dataset_id}"
     records = validate_records(ds.to_list(), origin)
-    log.info("fine-tuning data: %d records from %s", len(records), origin)
+    log.info("instruction data: %d records from %s", len(records), origin)
     return InstructionSet(records, origin)
 
 

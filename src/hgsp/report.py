@@ -926,7 +926,9 @@ def write_report(folder: str | os.PathLike, shown_path: Path | None = None) -> l
     md, page = run.path / "report.md", run.path / "report.html"
     _write_text(md, to_markdown(blocks))
     _write_text(page, to_html(blocks, run.path, f"H-GSP report: {run.name}"))
-    log.info("report: %s, %s (%d pictures)", md, page, len(pictures))
+    # A run's report is written in its temporary folder; name where it will be once renamed.
+    shown = Path(shown_path) if shown_path is not None else run.path
+    log.info("report: %s, %s (%d pictures)", shown / md.name, shown / page.name, len(pictures))
     return [*pictures.values(), md, page]
 
 
