@@ -7,7 +7,7 @@ Each input is an evaluation file (``hgsp eval --output``, ``benchmarks/bench_eva
 or ``results/NAME/evaluation/evaluation_results.json``), or a run's results folder; add
 ``:KEY`` to pick one of its models (``base``, ``pruned``, ``finetuned``, ``model``), e.g.
 ``results/demo_0.5:base``. Without a key the file's only zero-shot result is taken, or its
-``pruned`` one. Prints a Markdown table: per task the accuracies, their difference, its
+``pruned`` one. ``A1.json+A2.json`` joins the tasks of one model scored in separate runs. Prints a Markdown table: per task the accuracies, their difference, its
 standard error from the per-document differences and McNemar's exact p; then the difference
 of the task means. ``--out`` also writes it as JSON.
 """
@@ -24,11 +24,16 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from hgsp.atomic import atomic_write  # noqa: E402
 from hgsp.errors import UserError  # noqa: E402
-from hgsp.paired import markdown, paired_zeroshot  # noqa: E402
+from hgsp.paired import markdown, merge_results, paired_zeroshot  # noqa: E402
 
 
 def load_zeroshot(spec: str) -> tuple[dict, str]:
-    """The ``zeroshot`` result named by ``FILE_OR_FOLDER[:KEY]`` and a label for it."""
+    """The ``zeroshot`` result named by ``FILE_OR_FOLDER[:KEY]`` (or several joined by ``+``)
+    and a label for it."""
+    if "+" in spec:
+        parts = [load_zeroshot(part) for part in spec.split("+")]
+        labels = [label for _, label in parts]
+        return merge_results([r for r, _ in parts], labels), "+".join(labels)
     path_text, key = spec, ""
     head, sep, tail = spec.rpartition(":")
     if sep and head and "/" not in tail:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hgsp.errors import UserError
-from hgsp.paired import markdown, mcnemar_exact, paired_task, paired_zeroshot
+from hgsp.paired import markdown, mcnemar_exact, merge_results, paired_task, paired_zeroshot
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_zeroshot.py"
 
@@ -118,3 +118,21 @@ def test_script_compares_two_files_and_picks_models_by_key(tmp_path):
     assert proc.stderr.strip() == ("error: " + str(run / "evaluation" /
                                    "evaluation_results.json") +
                                    " has no zero-shot result for 'finetuned': it has base, pruned")
+
+
+def test_tasks_scored_in_separate_runs_are_joined(tmp_path):
+    x, y = _result({"x": ("1" * 40 + "0" * 10, None)}), _result({"y": ("1" * 10, "1" * 10)})
+    merged = merge_results([x, y], ["x.json", "y.json"])
+    assert sorted(merged["tasks"]) == ["x", "y"] and merged["documents"]["y"]["acc"] == "1" * 10
+    with pytest.raises(UserError, match="task x is in both x.json and again.json"):
+        merge_results([x, x], ["x.json", "again.json"])
+
+    other = _result({"x": ("1" * 30 + "0" * 20, None), "y": ("0" * 10, "0" * 10)})
+    files = [_evaluation_file(tmp_path / f"{n}.json", {"model": r})
+             for n, r in (("x", x), ("y", y), ("other", other))]
+    proc = subprocess.run([sys.executable, str(SCRIPT), f"{files[0]}+{files[1]}", str(files[2])],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| x | 50 | 80.0 | 60.0 | +20.0 |" in proc.stdout
+    assert "| y | 10 | 100.0 | 0.0 | +100.0 |" in proc.stdout
+    assert "**mean of 2**" in proc.stdout

@@ -111,6 +111,29 @@ def _outcomes(result: dict, task: str, metric: str, label: str) -> tuple[str, st
     return outcomes, entry.get("docs_sha256", "")
 
 
+def merge_results(results: list[dict], labels: list[str]) -> dict:
+    """One model's ``zeroshot`` results of separate evaluations, as one result.
+
+    A long task set is often scored in parts (one task in one run, the others in another);
+    pairing needs all of a model's tasks in one result. Only ``tasks`` and ``documents`` are
+    kept: the means of the parts are not means of the whole.
+
+    Raises:
+        UserError: two parts scored the same task (which one counts would be a guess).
+    """
+    tasks, documents, seen = {}, {}, {}
+    for result, label in zip(results, labels):
+        for task in result.get("tasks", {}):
+            if task in seen:
+                raise UserError(f"zero-shot task {task} is in both {seen[task]} and {label}: "
+                                f"join only evaluations of different tasks")
+            seen[task] = label
+            tasks[task] = result["tasks"][task]
+            if task in result.get("documents", {}):
+                documents[task] = result["documents"][task]
+    return {"tasks": tasks, "documents": documents}
+
+
 def paired_zeroshot(a: dict, b: dict, metric: str = "acc",
                     labels: tuple[str, str] = ("a", "b")) -> dict:
     """Paired comparison of two ``zeroshot`` results on the tasks both scored.
