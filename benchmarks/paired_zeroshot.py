@@ -7,9 +7,10 @@ Each input is an evaluation file (``hgsp eval --output``, ``benchmarks/bench_eva
 or ``results/NAME/evaluation/evaluation_results.json``), or a run's results folder; add
 ``:KEY`` to pick one of its models (``base``, ``pruned``, ``finetuned``, ``model``), e.g.
 ``results/demo_0.5:base``. Without a key the file's only zero-shot result is taken, or its
-``pruned`` one. ``A1.json+A2.json`` joins the tasks of one model scored in separate runs. Prints a Markdown table: per task the accuracies, their difference, its
-standard error from the per-document differences and McNemar's exact p; then the difference
-of the task means. ``--out`` also writes it as JSON.
+``pruned`` one. ``A1.json+A2.json`` joins the tasks of one model scored in separate runs.
+Prints a Markdown table: per task the accuracies, their difference, its standard error from
+the per-document differences and McNemar's exact p; then the difference of the task means.
+``--out`` also writes it as JSON.
 """
 
 from __future__ import annotations

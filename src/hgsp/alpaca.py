@@ -90,11 +90,9 @@ def load_instructions(spec: str | None, data_dir: str | None = None) -> Instruct
         UserError: the file is missing or malformed, or the Hub dataset cannot be loaded.
     """
     if spec is None:
-        from .data import data_dirs
-
-        for directory in data_dirs(data_dir):
-            if (directory / LOCAL_DEMO).is_file():
-                return load_instructions(str(directory / LOCAL_DEMO))
+        local = local_demo(data_dir)
+        if local is not None:
+            return load_instructions(str(local))
         log.info("no local %s: using the Hub dataset %s", LOCAL_DEMO, DEFAULT_HUB_DATASET)
         return _from_hub(DEFAULT_HUB_DATASET, hint="; run `hgsp fetch-assets c4` for the "
                          "offline Alpaca sample or pass --finetune_data_path FILE")
@@ -107,6 +105,13 @@ def load_instructions(spec: str | None, data_dir: str | None = None) -> Instruct
         raise UserError(f"fine-tuning data file '{spec}' does not exist (or is not a file): "
                         "pass an Alpaca-format .json/.jsonl file or a Hub dataset id")
     return _from_hub(spec)
+
+
+def local_demo(data_dir: str | None = None) -> Path | None:
+    """The Alpaca sample in the first local data directory that has it, else None."""
+    from .data import data_dirs
+
+    return next((d / LOCAL_DEMO for d in data_dirs(data_dir) if (d / LOCAL_DEMO).is_file()), None)
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -94,19 +94,20 @@ def load_corpus(name: str, split: str, data_dir: str | None = None) -> Corpus:
 
 def _alpaca_corpus(split: str, data_dir: str | None) -> Corpus:
     """Alpaca records as documents: the prompt, then the response, as in fine-tuning."""
-    from .alpaca import DEFAULT_HUB_DATASET, LOCAL_DEMO, build_prompt, load_instructions
+    from .alpaca import (DEFAULT_HUB_DATASET, LOCAL_DEMO, build_prompt, load_instructions,
+                         local_demo)
 
     if split != "train":
         raise UserError(f"dataset 'alpaca' has no '{split}' split: it calibrates only; measure "
                         "perplexity on wikitext2, ptb or c4")
-    local = [d / LOCAL_DEMO for d in data_dirs(data_dir) if (d / LOCAL_DEMO).is_file()]
-    if not local and hub_offline():
+    local = local_demo(data_dir)
+    if local is None and hub_offline():
         raise UserError(f"dataset alpaca/train: {LOCAL_DEMO} is not in the local data "
                         f"directories ({', '.join(str(d) for d in data_dirs(data_dir))}) and the "
                         "Hub is offline; run `hgsp fetch-assets c4` to get it")
-    data = load_instructions(str(local[0]) if local else DEFAULT_HUB_DATASET)
+    # load_instructions logs how many records it read and from where.
+    data = load_instructions(str(local) if local else DEFAULT_HUB_DATASET)
     docs = [build_prompt(r) + r["output"] for r in data.records]
-    log.info("alpaca/train: %d records from %s", len(docs), data.origin)
     return Corpus("alpaca", split, docs, data.origin)
 
 
