@@ -1,4 +1,4 @@
-"""Calibration corpora: the Alpaca instruction set as a calibration corpus."""
+"""Calibration corpora: the Alpaca instruction set, and mixes such as c4+alpaca."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import json
 import pytest
 
 from hgsp.alpaca import build_prompt
-from hgsp.data import build_calibration_set, load_corpus
+from hgsp.data import build_calibration_set, load_corpus, tokenize_windows
 from hgsp.errors import UserError
 
-from conftest import synthetic_documents, tiny_tokenizer
+import torch
+
+from conftest import synthetic_documents, tiny_tokenizer, write_data_dir
 
 
 def _write_alpaca(folder, n: int = 60):
@@ -64,4 +66,80 @@ def test_prune_calibrates_on_alpaca(tiny_model_dir, tmp_path, capsys):
     assert main(["prune", *args]) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "results" / "run" / "summary.json").read_text())
     assert "alpaca_en_demo.json" in summary["calibration"]["corpus"]
+    assert summary["parameters"]["achieved_ratio_total"] == pytest.approx(0.3, abs=0.02)
+
+
+def test_mix_keeps_its_corpora_apart(tmp_path):
+    write_data_dir(tmp_path)
+    records = _write_alpaca(tmp_path)
+    mix = load_corpus("c4+alpaca", "train", str(tmp_path))
+    c4 = load_corpus("c4", "train", str(tmp_path))
+    assert [p.name for p in mix.parts] == ["c4", "alpaca"]
+    assert mix.documents == c4.documents + mix.parts[1].documents
+    assert len(mix.parts[1].documents) == len(records)
+    assert "c4_demo.jsonl" in mix.origin and "alpaca_en_demo.json" in mix.origin
+
+
+def test_mix_draws_an_equal_share_from_each_corpus(tmp_path):
+    write_data_dir(tmp_path)
+    _write_alpaca(tmp_path, n=200)
+    tok = tiny_tokenizer()
+    mix = load_corpus("c4+alpaca", "train", str(tmp_path))
+    c4_windows = tokenize_windows(tok, mix.parts[0], 16).shape[0]
+    cal = build_calibration_set(tok, mix, 9, 16, 5, seed=0)
+    assert cal.calibration.shape == (9, 16) and cal.analysis.shape == (5, 16)
+    from_c4 = [w < c4_windows for w in cal.calibration_windows]
+    assert sum(from_c4) == 5 and from_c4[:4] == [True, False, True, False]  # remainder, interleaved
+    assert sum(w < c4_windows for w in cal.analysis_windows) == 3
+    assert not set(cal.calibration_windows) & set(cal.analysis_windows)
+
+
+def test_single_corpus_draw_is_unchanged_by_mixing_support(tmp_path):
+    """Caches and earlier runs rely on the same seed giving the same windows as before."""
+    write_data_dir(tmp_path)
+    tok = tiny_tokenizer()
+    corpus = load_corpus("c4", "train", str(tmp_path))
+    windows = tokenize_windows(tok, corpus, 16)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(7)).tolist()
+    cal = build_calibration_set(tok, corpus, 6, 16, 3, seed=7)
+    assert cal.calibration_windows == order[:6] and cal.analysis_windows == order[6:9]
+    assert torch.equal(cal.calibration, windows[order[:6]])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("c4+c4", "unknown dataset mix 'c4\\+c4'"),
+    ("c4+books", "unknown dataset mix 'c4\\+books'"),
+])
+def test_bad_mix_names_the_fix(tmp_path, name, message):
+    with pytest.raises(UserError, match=message + ".*e.g. c4\\+alpaca"):
+        load_corpus(name, "train", str(tmp_path))
+
+
+def test_mix_is_not_an_evaluation_corpus(tmp_path):
+    write_data_dir(tmp_path)
+    _write_alpaca(tmp_path)
+    with pytest.raises(UserError, match="no 'test' split: a mix calibrates only"):
+        load_corpus("c4+alpaca", "test", str(tmp_path))
+
+
+def test_mix_part_too_small_is_named(tmp_path):
+    write_data_dir(tmp_path)
+    _write_alpaca(tmp_path, n=2)
+    mix = load_corpus("c4+alpaca", "train", str(tmp_path))
+    with pytest.raises(UserError, match="^alpaca/train gives .* its share of --num_examples"):
+        build_calibration_set(tiny_tokenizer(), mix, 64, 16, 8, seed=0)
+
+
+def test_prune_calibrates_on_a_mix(tiny_model_dir, tmp_path, capsys):
+    from hgsp.cli import main
+    from test_cli import base_args
+
+    write_data_dir(tmp_path / "data")
+    _write_alpaca(tmp_path / "data", n=200)
+    args = base_args(tiny_model_dir, tmp_path / "data", tmp_path / "results") + \
+        ["--dataset", "c4+alpaca"]
+    assert main(["prune", *args]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "results" / "run" / "summary.json").read_text())
+    corpus = summary["calibration"]["corpus"]
+    assert "c4_demo.jsonl" in corpus and "alpaca_en_demo.json" in corpus
     assert summary["parameters"]["achieved_ratio_total"] == pytest.approx(0.3, abs=0.02)

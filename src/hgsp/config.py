@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from .data import DATASETS
+from .data import CALIBRATION_DATASETS
 from .errors import UserError
 from .methods import METHODS
 from .salience import METHODS as IMPORTANCE_METHODS
@@ -85,7 +85,8 @@ class PruneConfig:
     round_to: int = _f(1, "keep every layer's MLP width a multiple of N (e.g. 8 or 64) so the "
                           "pruned matrices suit fast kernels; 1 = no rounding")
     dataset: str = _f("wikitext2", "calibration corpus (its train split); alpaca = instruction "
-                      "data, for instruction-tuned models", choices=DATASETS)
+                      "data, for instruction-tuned models; a mix such as c4+alpaca draws "
+                      "equally from both", choices=CALIBRATION_DATASETS)
     importance_method: str = _f("taylor", "group importance", choices=IMPORTANCE_METHODS)
     num_examples: int = _f(32, "calibration windows for the importance")
     seq_len: int = _f(128, "tokens per calibration / analysis window")

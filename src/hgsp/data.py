@@ -18,6 +18,10 @@ Offline, the 300 C4 demo documents are split in two disjoint parts: the first 20
 ``alpaca`` calibrates on instruction data, each record written as its Alpaca prompt followed by
 its response: text closer to what an instruction-tuned model is used for than web pages. It has
 only a training split, so it is never an evaluation corpus.
+
+A mix such as ``c4+alpaca`` calibrates on an equal share of windows from each named corpus:
+web text keeps the web-text perplexity, instruction text keeps what zero-shot questions need.
+Like ``alpaca`` it calibrates only.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DATASETS = ("wikitext2", "ptb", "c4", "alpaca")
+MIXES = ("wikitext2+alpaca", "ptb+alpaca", "c4+alpaca")
+CALIBRATION_DATASETS = DATASETS + MIXES  # what --dataset accepts
 C4_DEMO_TRAIN_DOCS = 200  # documents [0, 200) calibrate, [200, 300) evaluate
 
 _LOCAL_FILES = {
@@ -57,6 +63,7 @@ class Corpus:
     split: str
     documents: list[str]
     origin: str
+    parts: tuple[Corpus, ...] = ()  # the corpora of a mix, each drawn from equally
 
 
 def data_dirs(extra: str | os.PathLike | None = None) -> list[Path]:
@@ -76,6 +83,8 @@ def load_corpus(name: str, split: str, data_dir: str | None = None) -> Corpus:
     Raises:
         UserError: unknown dataset, or the split is neither local nor reachable.
     """
+    if "+" in name:
+        return _mixed_corpus(name, split, data_dir)
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}")
     if name == "alpaca":
@@ -109,6 +118,20 @@ def _alpaca_corpus(split: str, data_dir: str | None) -> Corpus:
     data = load_instructions(str(local) if local else DEFAULT_HUB_DATASET)
     docs = [build_prompt(r) + r["output"] for r in data.records]
     return Corpus("alpaca", split, docs, data.origin)
+
+
+def _mixed_corpus(name: str, split: str, data_dir: str | None) -> Corpus:
+    """A mix of distinct corpora (``c4+alpaca``): their documents, kept apart as ``parts``."""
+    names = name.split("+")
+    if len(set(names)) != len(names) or any(n not in DATASETS for n in names):
+        raise UserError(f"unknown dataset mix '{name}': join distinct datasets of "
+                        f"{', '.join(DATASETS)} with '+', e.g. c4+alpaca")
+    if split != "train":
+        raise UserError(f"dataset mix '{name}' has no '{split}' split: a mix calibrates only; "
+                        "measure perplexity on wikitext2, ptb or c4")
+    parts = tuple(load_corpus(n, split, data_dir) for n in names)
+    docs = [d for p in parts for d in p.documents]
+    return Corpus(name, split, docs, " + ".join(p.origin for p in parts), parts)
 
 
 def _c4_range(name: str, split: str) -> str:
@@ -207,18 +230,47 @@ class CalibrationSet:
 
 def build_calibration_set(tokenizer, corpus: Corpus, num_samples: int, seq_len: int,
                           analysis_samples: int, seed: int) -> CalibrationSet:
-    """Pick disjoint random windows for calibration and analysis, reproducibly from ``seed``."""
-    windows = tokenize_windows(tokenizer, corpus, seq_len)
-    needed = num_samples + analysis_samples
-    if windows.shape[0] < needed:
-        raise UserError(
-            f"{corpus.name}/{corpus.split} gives {windows.shape[0]} windows of {seq_len} tokens, "
-            f"but --num_examples {num_samples} + --analysis_samples {analysis_samples} = "
-            f"{needed} are needed: lower them or --seq_len")
-    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
-    cal = order[:num_samples].tolist()
-    ana = order[num_samples:needed].tolist()
-    return CalibrationSet(windows[cal], windows[ana], cal, ana, corpus.origin)
+    """Pick disjoint random windows for calibration and analysis, reproducibly from ``seed``.
+
+    A mix draws an equal share from each of its corpora (the first ones take the remainder),
+    so that a small corpus is not drowned by a large one. Window indices count the windows of
+    the parts one after the other.
+    """
+    parts = corpus.parts or (corpus,)
+    generator = torch.Generator().manual_seed(seed)
+    windows, cal, ana, offset = [], [], [], 0
+    for i, part in enumerate(parts):
+        part_windows = tokenize_windows(tokenizer, part, seq_len)
+        n_cal, n_ana = _share(num_samples, len(parts), i), _share(analysis_samples, len(parts), i)
+        needed = n_cal + n_ana
+        if part_windows.shape[0] < needed:
+            raise UserError(
+                f"{part.name}/{part.split} gives {part_windows.shape[0]} windows of {seq_len} "
+                f"tokens, but {_needed_text(num_samples, analysis_samples, len(parts))} = "
+                f"{needed} are needed: lower them or --seq_len")
+        order = torch.randperm(part_windows.shape[0], generator=generator) + offset
+        cal.append(order[:n_cal].tolist())
+        ana.append(order[n_cal:needed].tolist())
+        windows.append(part_windows)
+        offset += part_windows.shape[0]
+    everything = torch.cat(windows)
+    cal, ana = _interleave(cal), _interleave(ana)
+    return CalibrationSet(everything[cal], everything[ana], cal, ana, corpus.origin)
+
+
+def _share(total: int, parts: int, index: int) -> int:
+    return total // parts + (index < total % parts)
+
+
+def _needed_text(num_samples: int, analysis_samples: int, parts: int) -> str:
+    text = f"--num_examples {num_samples} + --analysis_samples {analysis_samples}"
+    return text if parts == 1 else f"its share of {text}"
+
+
+def _interleave(lists: list[list[int]]) -> list[int]:
+    """Round-robin over the parts, so that every gradient batch of a mix holds each corpus."""
+    longest = max((len(x) for x in lists), default=0)
+    return [x[i] for i in range(longest) for x in lists if i < len(x)]
 
 
 def batches(windows: torch.Tensor, batch_size: int):
