@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hgsp.alpaca import build_prompt
 from hgsp.data import build_calibration_set, load_corpus, tokenize_windows
 from hgsp.errors import UserError
-
-import torch
 
 from conftest import synthetic_documents, tiny_tokenizer, write_data_dir
 

@@ -39,7 +39,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DATASETS = ("wikitext2", "ptb", "c4", "alpaca")
-MIXES = ("wikitext2+alpaca", "ptb+alpaca", "c4+alpaca")
+# A web corpus joined with instruction data; other mixes work through load_corpus alone.
+MIXES = tuple(f"{d}+alpaca" for d in DATASETS if d != "alpaca")
 CALIBRATION_DATASETS = DATASETS + MIXES  # what --dataset accepts
 C4_DEMO_TRAIN_DOCS = 200  # documents [0, 200) calibrate, [200, 300) evaluate
 
@@ -106,9 +107,7 @@ def _alpaca_corpus(split: str, data_dir: str | None) -> Corpus:
     from .alpaca import (DEFAULT_HUB_DATASET, LOCAL_DEMO, build_prompt, load_instructions,
                          local_demo)
 
-    if split != "train":
-        raise UserError(f"dataset 'alpaca' has no '{split}' split: it calibrates only; measure "
-                        "perplexity on wikitext2, ptb or c4")
+    _calibrates_only("dataset 'alpaca'", "it", split)
     local = local_demo(data_dir)
     if local is None and hub_offline():
         raise UserError(f"dataset alpaca/train: {LOCAL_DEMO} is not in the local data "
@@ -126,12 +125,17 @@ def _mixed_corpus(name: str, split: str, data_dir: str | None) -> Corpus:
     if len(set(names)) != len(names) or any(n not in DATASETS for n in names):
         raise UserError(f"unknown dataset mix '{name}': join distinct datasets of "
                         f"{', '.join(DATASETS)} with '+', e.g. c4+alpaca")
-    if split != "train":
-        raise UserError(f"dataset mix '{name}' has no '{split}' split: a mix calibrates only; "
-                        "measure perplexity on wikitext2, ptb or c4")
+    _calibrates_only(f"dataset mix '{name}'", "a mix", split)
     parts = tuple(load_corpus(n, split, data_dir) for n in names)
     docs = [d for p in parts for d in p.documents]
     return Corpus(name, split, docs, " + ".join(p.origin for p in parts), parts)
+
+
+def _calibrates_only(what: str, subject: str, split: str) -> None:
+    """Corpora without an evaluation split (alpaca, mixes) accept only ``train``."""
+    if split != "train":
+        raise UserError(f"{what} has no '{split}' split: {subject} calibrates only; measure "
+                        "perplexity on wikitext2, ptb or c4")
 
 
 def _c4_range(name: str, split: str) -> str:
