@@ -42,6 +42,7 @@ ROWS = {
     "hgsp_t0": ("H-GSP T=0 (pure Taylor)", {"temperature": 0.0}),
     "hgsp_tau_0": ("H-GSP τ=0 (block-wise)", {"tau": 0.0}),
     "hgsp_norm_none": ("H-GSP without normalization", {"importance_norm": "none"}),
+    "hgsp_norm_layer": ("H-GSP normalized per layer", {"importance_norm": "layer"}),
     # Rows measured before a later default are pinned to the settings of their time, so that
     # regenerating them gives what the table shows; their labels say what they lack.
     "hgsp_block_alone": ("H-GSP without the Shapley share or the refit",
