@@ -90,3 +90,19 @@ def test_a_row_keeps_both_zero_shot_conventions(bq, monkeypatch):
     row = bq.evaluate(None, None, None)
     assert (row["zeroshot_mean"], row["zeroshot_mean_norm"]) == (0.55, 0.6)
     assert row["zeroshot"] == {"piqa": 0.6, "winogrande": 0.5}
+
+
+def test_variant_rows_on_the_block_normalization_are_marked(bq):
+    rows = [{**_row("H-GSP (defaults)"), "row": "hgsp"},
+            {**_row("H-GSP τ=∞ (layer-wise)"), "row": "hgsp_tau_inf"},
+            {**_row("H-GSP normalized per block"), "row": "hgsp_norm_block"},
+            {**_row("H-GSP T=0 (pure Taylor)"), "row": "hgsp_t0"}]
+    text = bq.markdown(rows, {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"})
+    assert "| H-GSP τ=∞ (layer-wise)‡ |" in text
+    for plain in ("H-GSP (defaults)", "H-GSP normalized per block", "H-GSP T=0 (pure Taylor)"):
+        assert f"| {plain} |" in text
+    assert "‡ on top of `--importance_norm block`" in text and "up to a ratio of 0.3" in text
+    # every variant that changes only other settings keeps the normalization of its time
+    assert all(bq.ROWS[n][1].get("importance_norm") == "block" for n in
+               ("hgsp_no_refit", "hgsp_tau_inf", "hgsp_tau_inf_eps0", "hgsp_q40", "hgsp_tau_0",
+                "hgsp_block_alone"))

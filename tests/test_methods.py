@@ -278,3 +278,26 @@ def test_refit_changes_only_the_kept_output_columns(tiny_model_dir, data_dir, tm
     assert differ, "the refit changed nothing"
     assert all(k.endswith(("o_proj.weight", "down_proj.weight", "o_proj.bias",
                            "down_proj.bias")) for k in differ)
+
+
+@pytest.mark.parametrize("ratio, norm", [(0.2, "layer"), (0.5, "block")])
+def test_auto_importance_norm_prunes_as_the_resolved_norm(ratio, norm, tiny_model_dir, data_dir,
+                                                          tmp_path):
+    """The default picks per-layer normalization for light pruning and per-block for heavy;
+    the run records which, and prunes exactly as that explicit choice would."""
+    auto = _run(tiny_model_dir, data_dir, tmp_path / "auto", "hgsp", ratio=ratio)
+    given = _run(tiny_model_dir, data_dir, tmp_path / "given", "hgsp", ratio=ratio,
+                 importance_norm=norm)
+    assert auto.summary["score"]["importance_norm"] == norm
+    assert json.loads((auto.results_dir / "analysis" / "pruning_plan.json").read_text())[
+        "meta"]["importance_norm"] == norm
+    assert auto.plan.layers == given.plan.layers
+    scores = {name: (tmp_path / name / "hgsp" / "analysis" / "global_group_table.csv")
+              .read_text() for name in ("auto", "given")}
+    assert scores["auto"] == scores["given"]
+    other = _run(tiny_model_dir, data_dir, tmp_path / "other", "hgsp", ratio=ratio,
+                 importance_norm="block" if norm == "layer" else "layer")
+    assert other.summary["score"]["importance_norm"] != norm
+    # the other normalization scores the groups differently, so the match is no coincidence
+    assert (tmp_path / "other" / "hgsp" / "analysis" / "global_group_table.csv").read_text() \
+        != scores["auto"]

@@ -198,3 +198,11 @@ def test_cli_docs_up_to_date():
     spec.loader.exec_module(gen)
     committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     assert committed == gen.render(), "docs/cli.md is stale: run python scripts/gen_cli_docs.py"
+
+
+def test_report_states_the_importance_normalization_used(runs):
+    evaluated, plain = runs
+    text = (evaluated / "report.md").read_text()
+    assert "| importance normalization | per layer (auto, by the pruning ratio) |" in text
+    assert "| gate threshold τ |" in text and "automatic: 25th percentile" in text
+    assert "| importance normalization | not used |" in (plain / "report.md").read_text()

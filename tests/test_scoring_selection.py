@@ -14,6 +14,7 @@ import torch
 
 from conftest import tiny_model
 from hgsp.adapters import adapter_for
+from hgsp.config import PruneConfig
 from hgsp.scoring import ATTN, MLP, MODE_BLOCK, MODE_LAYER, MODE_NONE, hgsp_scores, layout, \
     normalized_density, shapley_block_deltas
 from hgsp.selection import FixedCosts, greedy_knapsack, prunable_params, select
@@ -516,3 +517,14 @@ def test_shapley_option_scores_block_dominant_layers_only(importances, deltas):
     assert float(t.delta[(t.layer == 1) & (t.kind == ATTN)][0]) == 2.5
     with pytest.raises(ValueError, match="unknown block delta"):
         hgsp_scores(layout(attn, mlp, ATTN_COST, MLP_COST), 1.0, *deltas, block_delta="sum")
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.1, "layer"), (0.2, "layer"), (0.3, "layer"),
+                                             (0.31, "block"), (0.5, "block"), (0.8, "block")])
+def test_auto_importance_norm_follows_the_pruning_ratio(ratio, expected):
+    cfg = PruneConfig(base_model="m", output_name="o", pruning_ratio=ratio)
+    assert cfg.importance_norm == "auto" and cfg.resolved_importance_norm == expected
+    for given in ("block", "layer", "none"):  # an explicit choice is kept at every ratio
+        explicit = PruneConfig(base_model="m", output_name="o", pruning_ratio=ratio,
+                               importance_norm=given)
+        assert explicit.resolved_importance_norm == given

@@ -74,7 +74,7 @@ def select_hgsp(m: Measurements, adapter: Adapter, cfg, budget: int):
     deltas = {} if m.analysis is None else {f"delta_{k}": m.analysis.deltas(k, cfg.delta_metric)
                                             for k in ("layer", "attn", "mlp")}
     info = hgsp_scores(table, cfg.temperature, tau=cfg.tau, tau_quantile=cfg.tau_quantile,
-                       block_floor=cfg.block_floor, norm=cfg.importance_norm,
+                       block_floor=cfg.block_floor, norm=cfg.resolved_importance_norm,
                        block_delta=cfg.block_delta, **deltas)
     collapsible = None
     if cfg.collapse_scope == "layer_dominant" and info.tau is not None:

@@ -213,6 +213,7 @@ def prune(cfg: PruneConfig) -> PruneResult:
                          "pruning_ratio": cfg.pruning_ratio, "temperature": cfg.temperature,
                          "tau": info.tau, "epsilon": cfg.epsilon,
                          "importance_method": cfg.importance_method,
+                         "importance_norm": cfg.resolved_importance_norm,
                          "bias_compensation": uses_compensation(cfg),
                          "refit_outputs": uses_refit(cfg)}
         with timer("surgery"):
@@ -354,6 +355,8 @@ def _summary(cfg, kind, total, decoder, pruned_total, pruned_decoder, budget, se
         "bias_compensation": uses_compensation(cfg),
         "refit_outputs": uses_refit(cfg),
         "score": {"temperature": info.temperature, "tau": info.tau, "modes": info.modes,
+                  # the normalization of the hybrid score (none is used when T = 0)
+                  "importance_norm": cfg.resolved_importance_norm if info.temperature else None,
                   "analysis_base_ppl": None if analysis is None else analysis.base_ppl},
         "calibration": None if cal is None else {
             "corpus": cal.origin, "windows": cal.calibration_windows,

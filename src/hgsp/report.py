@@ -389,9 +389,19 @@ def _tau_text(run: RunData) -> str:
     tau = run.summary.get("score", {}).get("tau")
     if run.summary.get("score", {}).get("temperature") == 0:
         return "not used (T = 0)"
+    quantile = run.arguments.get("tau_quantile", 0.25)
     source = "given" if run.arguments.get("tau") is not None else \
-        "automatic: 25th percentile of Δ_layer"
+        f"automatic: {quantile * 100:g}th percentile of Δ_layer"
     return f"{fmt_num(tau)} ({source})"
+
+
+def _norm_text(run: RunData) -> str:
+    norm = run.summary.get("score", {}).get("importance_norm")
+    if norm is None:
+        return "not used" if run.summary.get("score", {}).get("temperature") == 0 else "—"
+    chosen = "auto, by the pruning ratio" if run.arguments.get("importance_norm") == "auto" \
+        else "given"
+    return f"per {norm} ({chosen})" if norm != "none" else "none (given)"
 
 
 def _compensation_text(summary: dict) -> str:
@@ -411,6 +421,7 @@ def settings_section(run: RunData) -> list:
         ["importance method", f"`{a.get('importance_method', '?')}`"],
         ["temperature T", fmt_num(s.get("score", {}).get("temperature"))],
         ["gate threshold τ", _tau_text(run)],
+        ["importance normalization", _norm_text(run)],
         ["collapse threshold ε", fmt_num(a.get("epsilon"))],
         ["calibration corpus", f"`{a.get('dataset', '?')}`: {cal.get('corpus', 'not used')}"],
         ["calibration windows", f"{a.get('num_examples', '?')} × {a.get('seq_len', '?')} "
