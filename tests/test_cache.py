@@ -63,10 +63,13 @@ def test_ratio_list_writes_one_folder_per_ratio(tiny_model_dir, data_dir, tmp_pa
     assert main(args) == 0
     import json
 
-    ratios = {}
+    ratios, norms = {}, {}
     for name in ("sweep_r0.2", "sweep_r0.4"):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         ratios[name] = summary["parameters"]["achieved_ratio_total"]
+        norms[name] = summary["score"]["importance_norm"]
+    # --importance_norm auto resolves per ratio within one sweep
+    assert norms == {"sweep_r0.2": "layer", "sweep_r0.4": "block"}
     assert ratios["sweep_r0.2"] == pytest.approx(0.2, abs=0.01)
     assert ratios["sweep_r0.4"] == pytest.approx(0.4, abs=0.01)
     second_log = (tmp_path / "sweep_r0.4" / "logs" / "run.log").read_text()
