@@ -129,7 +129,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
             "zero-shot mean ↑ | decode tok/s (b1) |")
     lines = [head, "|" + "---|" * 9]
     common, marks, notes = _window_marks(rows)
-    pinned = [i for i, r in enumerate(rows) if _on_block(r.get("row"))]
+    pinned = {i for i, r in enumerate(rows) if _on_block(r.get("row"))}
     for i, r in enumerate(rows):
         pin = "‡" if i in pinned else ""
         lines.append(f"| {r['ratio']:g} | {r['label']}{marks.get(i, '')}{pin} | "
@@ -159,7 +159,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
 
 def _on_block(name: str | None) -> bool:
     """A variant row pinned to the block normalization (not the row that shows it)."""
-    return name in ROWS and name not in ("hgsp", "hgsp_norm_block") and \
+    return name in ROWS and name != "hgsp_norm_block" and \
         ROWS[name][1].get("importance_norm") == "block"
 
 
