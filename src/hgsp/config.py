@@ -59,8 +59,8 @@ class PruneConfig:
     importance_norm: str = _f("auto", "divide each group's importance per parameter by that "
                                       "of its block (or layer) before the Δ factor, so Δ alone "
                                       "ranks layers and blocks (T > 0 only; none = raw); auto "
-                                      f"= layer up to a pruning ratio of {AUTO_NORM_LAYER_UP_TO:g}, "
-                                      "block above",
+                                      "= layer up to a pruning ratio of "
+                                      f"{AUTO_NORM_LAYER_UP_TO:g}, block above",
                               choices=("auto", "block", "layer", "none"))
     block_floor: bool = _f(True, "in Block-Dominant layers, count each block's Δ as at least "
                                   "τ, so no block of a sensitive layer looks cheaper than a "
