@@ -30,29 +30,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-# The variant rows below were measured when the block normalization was the default at every
-# ratio; they keep it (so regenerating them gives what the table shows) and the table marks
-# them, since at light ratios the defaults now normalize per layer.
-ON_BLOCK = {"importance_norm": "block"}
-
 # row name -> (label in the table, PruneConfig overrides)
 ROWS = {
     "hgsp": ("H-GSP (defaults)", {}),
     # The defaults with one setting changed, so that the row's difference from the defaults is
-    # that setting's effect (from "H-GSP normalized per block" where the defaults are per layer).
-    "hgsp_no_refit": ("H-GSP without the refit", {**ON_BLOCK, "refit_outputs": False}),
-    "hgsp_tau_inf": ("H-GSP τ=∞ (layer-wise)", {**ON_BLOCK, "tau": float("inf")}),
-    "hgsp_tau_inf_eps0": ("H-GSP τ=∞ ε=0", {**ON_BLOCK, "tau": float("inf"), "epsilon": 0.0}),
-    "hgsp_q40": ("H-GSP τ at the 40th percentile", {**ON_BLOCK, "tau_quantile": 0.4}),
+    # that setting's effect at every ratio (the normalization included: `auto` at both).
+    "hgsp_no_refit": ("H-GSP without the refit", {"refit_outputs": False}),
+    "hgsp_tau_inf": ("H-GSP τ=∞ (layer-wise)", {"tau": float("inf")}),
+    "hgsp_tau_inf_eps0": ("H-GSP τ=∞ ε=0", {"tau": float("inf"), "epsilon": 0.0}),
+    "hgsp_q40": ("H-GSP τ at the 40th percentile", {"tau_quantile": 0.4}),
     "hgsp_t0": ("H-GSP T=0 (pure Taylor)", {"temperature": 0.0}),  # no normalization at T=0
-    "hgsp_tau_0": ("H-GSP τ=0 (block-wise)", {**ON_BLOCK, "tau": 0.0}),
+    "hgsp_tau_0": ("H-GSP τ=0 (block-wise)", {"tau": 0.0}),
     "hgsp_norm_none": ("H-GSP without normalization", {"importance_norm": "none"}),
-    "hgsp_norm_block": ("H-GSP normalized per block", ON_BLOCK),
+    "hgsp_norm_block": ("H-GSP normalized per block", {"importance_norm": "block"}),
     "hgsp_norm_layer": ("H-GSP normalized per layer", {"importance_norm": "layer"}),
     # Rows measured before a later default are pinned to the settings of their time, so that
     # regenerating them gives what the table shows; their labels say what they lack.
     "hgsp_block_alone": ("H-GSP without the Shapley share or the refit",
-                         {**ON_BLOCK, "block_delta": "alone", "refit_outputs": False}),
+                         {"block_delta": "alone", "refit_outputs": False}),
     "llm_pruner": ("LLM-Pruner", {"method": "llm_pruner"}),
     "wanda_sp": ("Wanda-sp", {"method": "wanda_sp"}),
     "flap": ("FLAP", {"method": "flap"}),
@@ -129,10 +124,8 @@ def markdown(rows: list[dict], settings: dict) -> str:
             "zero-shot mean ↑ | decode tok/s (b1) |")
     lines = [head, "|" + "---|" * 9]
     common, marks, notes = _window_marks(rows)
-    pinned = {i for i, r in enumerate(rows) if _on_block(r.get("row"))}
     for i, r in enumerate(rows):
-        pin = "‡" if i in pinned else ""
-        lines.append(f"| {r['ratio']:g} | {r['label']}{marks.get(i, '')}{pin} | "
+        lines.append(f"| {r['ratio']:g} | {r['label']}{marks.get(i, '')} | "
                      f"{r['params'] / 1e6:.2f} M | "
                      f"{r.get('achieved', 0):.2%} | {r.get('layers_kept', '')} | "
                      f"{r['wikitext2']:.2f} | {r['ptb']:.2f} | {r['zeroshot_mean']:.4f} | "
@@ -142,12 +135,6 @@ def markdown(rows: list[dict], settings: dict) -> str:
                  f"piqa, hellaswag, winogrande, arc_easy on the first "
                  f"{settings['zeroshot_limit']} documents each; calibration: "
                  f"{settings['dataset']}, {_calibration_text(settings)} for every method.")
-    if pinned:
-        from hgsp.config import AUTO_NORM_LAYER_UP_TO
-
-        lines.append(f"‡ on top of `--importance_norm block` at every ratio, where the defaults "
-                     f"normalize per layer up to a ratio of {AUTO_NORM_LAYER_UP_TO:g}: at such "
-                     "ratios compare these rows with \"H-GSP normalized per block\".")
     if settings.get("speed_remeasured"):
         lines.append(f"Decode speed: every row measured again, one after the other, on "
                      f"{settings['speed_remeasured'][:10]} (`--speed_only`).")
@@ -155,12 +142,6 @@ def markdown(rows: list[dict], settings: dict) -> str:
         lines.append("Decode speed: each row measured when it was evaluated, not all in one "
                      "session; run `--speed_only` before comparing rows.")
     return "\n".join(lines) + "\n"
-
-
-def _on_block(name: str | None) -> bool:
-    """A variant row pinned to the block normalization (not the row that shows it)."""
-    return name in ROWS and name != "hgsp_norm_block" and \
-        ROWS[name][1].get("importance_norm") == "block"
 
 
 def _calibration_text(settings: dict) -> str:

@@ -92,17 +92,20 @@ def test_a_row_keeps_both_zero_shot_conventions(bq, monkeypatch):
     assert row["zeroshot"] == {"piqa": 0.6, "winogrande": 0.5}
 
 
-def test_variant_rows_on_the_block_normalization_are_marked(bq):
-    rows = [{**_row("H-GSP (defaults)"), "row": "hgsp"},
-            {**_row("H-GSP τ=∞ (layer-wise)"), "row": "hgsp_tau_inf"},
-            {**_row("H-GSP normalized per block"), "row": "hgsp_norm_block"},
-            {**_row("H-GSP T=0 (pure Taylor)"), "row": "hgsp_t0"}]
-    text = bq.markdown(rows, {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"})
-    assert "| H-GSP τ=∞ (layer-wise)‡ |" in text
-    for plain in ("H-GSP (defaults)", "H-GSP normalized per block", "H-GSP T=0 (pure Taylor)"):
-        assert f"| {plain} |" in text
-    assert "‡ on top of `--importance_norm block`" in text and "up to a ratio of 0.3" in text
-    # every variant that changes only other settings keeps the normalization of its time
-    assert all(bq.ROWS[n][1].get("importance_norm") == "block" for n in
-               ("hgsp_no_refit", "hgsp_tau_inf", "hgsp_tau_inf_eps0", "hgsp_q40", "hgsp_tau_0",
-                "hgsp_block_alone"))
+def test_variant_rows_use_the_normalization_of_the_defaults(bq):
+    """A variant row's difference from the defaults is its own setting at every ratio, so
+    only the normalization rows may choose a normalization."""
+    from hgsp.config import PruneConfig
+
+    norm_rows = {"hgsp_norm_none", "hgsp_norm_block", "hgsp_norm_layer"}
+    variants = [n for n in bq.ROWS if n.startswith("hgsp_") and n not in norm_rows]
+    assert {"hgsp_tau_inf", "hgsp_q40", "hgsp_no_refit", "hgsp_block_alone"} <= set(variants)
+    for ratio in (0.2, 0.5):
+        default = PruneConfig(base_model="m", output_name="o", pruning_ratio=ratio)
+        for name in variants:
+            cfg = PruneConfig(base_model="m", output_name="o", pruning_ratio=ratio,
+                              **bq.ROWS[name][1])
+            assert cfg.resolved_importance_norm == default.resolved_importance_norm, name
+    text = bq.markdown([{**_row("H-GSP τ=∞ (layer-wise)"), "row": "hgsp_tau_inf"}],
+                       {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"})
+    assert "| H-GSP τ=∞ (layer-wise) |" in text and "‡" not in text
