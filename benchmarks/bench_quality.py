@@ -44,8 +44,8 @@ ROWS = {
     "hgsp_norm_none": ("H-GSP without normalization", {"importance_norm": "none"}),
     "hgsp_norm_block": ("H-GSP normalized per block", {"importance_norm": "block"}),
     "hgsp_norm_layer": ("H-GSP normalized per layer", {"importance_norm": "layer"}),
-    # Rows measured before a later default are pinned to the settings of their time, so that
-    # regenerating them gives what the table shows; their labels say what they lack.
+    # An earlier default: today's defaults without the two settings added since (its label
+    # says which), so that row and "without the refit" show each step's effect.
     "hgsp_block_alone": ("H-GSP without the Shapley share or the refit",
                          {"block_delta": "alone", "refit_outputs": False}),
     "llm_pruner": ("LLM-Pruner", {"method": "llm_pruner"}),
