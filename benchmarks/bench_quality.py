@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,10 @@ def parse_args(argv=None):
                    help="re-measure only the decode speed of every row of OUT_DIR/quality.json, "
                         "in one session (rows measured at different times are not comparable "
                         "on a shared machine); pruned models missing from WORK_DIR are pruned "
-                        "again first")
+                        "again first, then every model is timed --speed_passes times")
+    p.add_argument("--speed_passes", type=int, default=3,
+                   help="with --speed_only: timings per model, in alternating order; the "
+                        "median is kept")
     p.add_argument("--ppl_only", action="store_true",
                    help="evaluate only the perplexity of the rows of OUT_DIR/quality.json "
                         "(base included; --rows and --ratios select), with --ppl_max_windows "
@@ -136,8 +140,10 @@ def markdown(rows: list[dict], settings: dict) -> str:
                  f"{settings['zeroshot_limit']} documents each; calibration: "
                  f"{settings['dataset']}, {_calibration_text(settings)} for every method.")
     if settings.get("speed_remeasured"):
+        passes = settings.get("speed_passes", 1)
+        median = f", median of {passes} passes" if passes > 1 else ""
         lines.append(f"Decode speed: every row measured again, one after the other, on "
-                     f"{settings['speed_remeasured'][:10]} (`--speed_only`).")
+                     f"{settings['speed_remeasured'][:10]} (`--speed_only`{median}).")
     else:  # after --update: rows measured in different sessions of a shared machine
         lines.append("Decode speed: each row measured when it was evaluated, not all in one "
                      "session; run `--speed_only` before comparing rows.")
@@ -267,38 +273,76 @@ def _updated_settings(previous: dict, args) -> dict:
 
 
 def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int:
-    """Decode tokens/s at batch 1 of every row again, one model after the other."""
+    """Decode tokens/s at batch 1 of every row again, all in one session.
+
+    Pruned models missing from ``work_dir`` are pruned first, so that the timings that follow
+    are minutes apart rather than interleaved with pruning. Every model is then timed
+    ``--speed_passes`` times, in alternating order (forward, backward, ...), and the median
+    kept, so that a drift of a shared machine's speed during the session hits every row alike.
+    """
+    from tqdm import tqdm
+
     from hgsp.evaluate import EvalSettings
 
     settings = EvalSettings(kinds=["efficiency"], batch_sizes=(1,))
     previous = json.loads((out_dir / "quality.json").read_text())
     rows = previous["rows"]
-    for row in rows:
-        eff = _evaluate_saved(model_path, row, args, work_dir, settings)["efficiency"]
-        row["decode_tok_s_b1"] = eff["speed"]["batch1"]["decode_tokens_per_s"]
-        print(f"{row['label']} {row['ratio']:g}: {row['decode_tok_s_b1']:.1f} tok/s", flush=True)
-    kept = {**previous["settings"], "speed_remeasured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    folders = [_saved_model(model_path, row, args, work_dir)
+               for row in tqdm(rows, desc="pruned models")]
+    timings: list[list[float]] = [[] for _ in rows]
+    for p in range(args.speed_passes):
+        order = list(range(len(rows)))[:: 1 if p % 2 == 0 else -1]
+        for i in tqdm(order, desc=f"timing, pass {p + 1}/{args.speed_passes}"):
+            eff = _evaluate_folder(folders[i], settings)["efficiency"]
+            timings[i].append(eff["speed"]["batch1"]["decode_tokens_per_s"])
+    for row, times in zip(rows, timings):
+        row["decode_tok_s_b1"] = statistics.median(times)
+        row["decode_tok_s_b1_passes"] = [round(t, 2) for t in times]
+        print(f"{row['label']} {row['ratio']:g}: {row['decode_tok_s_b1']:.1f} tok/s "
+              f"{row['decode_tok_s_b1_passes']}", flush=True)
+    kept = {**previous["settings"], "speed_remeasured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "speed_passes": args.speed_passes}
     _write(out_dir, _ordered(rows), kept)
     print(markdown(_ordered(rows), kept))
     return 0
 
 
-def _evaluate_saved(model_path: str, row: dict, args, work_dir: Path, settings) -> dict:
-    """``settings`` evaluated on the saved model of a row of quality.json (the base model for
-    the base row), pruning it again first if it is missing."""
+def _check_same_model(row: dict, summary: dict) -> None:
+    """A saved (or pruned again) model must have the row's size and depth, or its speed would
+    be put beside the figures of another model (after a change of the defaults, say)."""
+    found = (summary["parameters"]["pruned_total"], summary["layers"]["kept"])
+    if found != (row["params"], row["layers_kept"]):
+        raise SystemExit(f"error: {row['label']} at {row['ratio']:g}: the saved model has "
+                         f"{found[0]:,} parameters and {found[1]} layers, the table's row "
+                         f"{row['params']:,} and {row['layers_kept']}; rerun the row with "
+                         f"--update --rows {row['row']} --ratios {row['ratio']:g} first")
+
+
+def _saved_model(model_path: str, row: dict, args, work_dir: Path) -> str:
+    """The folder of a row's saved model (the base model for the base row), pruning it again
+    first if it is missing."""
+    if row["ratio"] == 0:
+        return model_path
+    run = work_dir / f"{row['row']}_r{row['ratio']:g}"
+    if not (run / "models" / "config.json").exists():
+        prune_row(model_path, row["row"], row["ratio"], args, work_dir)
+    _check_same_model(row, json.loads((run / "summary.json").read_text()))
+    return str(run / "models")
+
+
+def _evaluate_folder(folder: str, settings) -> dict:
     import torch
 
     from hgsp.evaluate import evaluate_model
     from hgsp.modelio import load_model
 
-    folder = model_path
-    if row["ratio"] > 0:
-        run = work_dir / f"{row['row']}_r{row['ratio']:g}"
-        if not (run / "models" / "config.json").exists():
-            prune_row(model_path, row["row"], row["ratio"], args, work_dir)
-        folder = str(run / "models")
     loaded = load_model(folder, torch.float32, "cpu", None)
     return evaluate_model(loaded.model, loaded.tokenizer, settings, folder)
+
+
+def _evaluate_saved(model_path: str, row: dict, args, work_dir: Path, settings) -> dict:
+    """``settings`` evaluated on the saved model of a row of quality.json."""
+    return _evaluate_folder(_saved_model(model_path, row, args, work_dir), settings)
 
 
 def rescore_perplexity(model_path: str, out_dir: Path, work_dir: Path, args) -> int:

@@ -109,3 +109,40 @@ def test_variant_rows_use_the_normalization_of_the_defaults(bq):
     text = bq.markdown([{**_row("H-GSP τ=∞ (layer-wise)"), "row": "hgsp_tau_inf"}],
                        {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"})
     assert "| H-GSP τ=∞ (layer-wise) |" in text and "‡" not in text
+
+
+def test_a_model_of_another_size_or_depth_is_refused_for_the_speed_column(bq):
+    row = {**_row("H-GSP (defaults)"), "row": "hgsp", "params": 107612928, "layers_kept": 30}
+    same = {"parameters": {"pruned_total": 107612928}, "layers": {"kept": 30}}
+    bq._check_same_model(row, same)
+    for found in ({"parameters": {"pruned_total": 107612352}, "layers": {"kept": 30}},
+                  {"parameters": {"pruned_total": 107612928}, "layers": {"kept": 29}}):
+        with pytest.raises(SystemExit, match="rerun the row with --update --rows hgsp"):
+            bq._check_same_model(row, found)
+
+
+def test_speed_only_times_every_model_in_alternating_passes_and_keeps_the_median(
+        bq, tmp_path, monkeypatch):
+    rows = [{**_row("base"), "ratio": 0.0}, {**_row("a"), "row": "hgsp"},
+            {**_row("b"), "row": "shortgpt"}]
+    settings = {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"}
+    bq._write(tmp_path, rows, settings)
+    calls = []
+    speeds = {"base": iter([5.0, 9.0, 6.0]), "a": iter([20.0, 1.0, 30.0]),
+              "b": iter([12.0, 11.0, 10.0])}
+
+    def timed(folder, _settings):
+        calls.append(folder)
+        return {"efficiency": {"speed": {"batch1": {"decode_tokens_per_s":
+                                                    next(speeds[folder])}}}}
+
+    monkeypatch.setattr(bq, "_saved_model", lambda m, row, a, w: row["label"])
+    monkeypatch.setattr(bq, "_evaluate_folder", timed)
+    bq.remeasure_speed("model", tmp_path, tmp_path, Namespace(speed_passes=3))
+    assert calls == ["base", "a", "b", "b", "a", "base", "base", "a", "b"]
+    doc = __import__("json").loads((tmp_path / "quality.json").read_text())
+    got = {r["label"]: (r["decode_tok_s_b1"], r["decode_tok_s_b1_passes"]) for r in doc["rows"]}
+    assert got == {"base": (6.0, [5.0, 9.0, 6.0]), "a": (20.0, [20.0, 1.0, 30.0]),
+                   "b": (11.0, [12.0, 11.0, 10.0])}
+    assert doc["settings"]["speed_passes"] == 3
+    assert "(`--speed_only`, median of 3 passes)" in (tmp_path / "quality.md").read_text()
