@@ -4,10 +4,11 @@
 Prunes the demo model at each ratio (default 0.2 and 0.5, H-GSP defaults, calibration on the
 C4 sample; importances are computed once and cached), then measures the base and every pruned
 model with :func:`hgsp.efficiency.efficiency`: prefill latency and decode tokens/s at batch 1
-and 8, MACs per token, parameters, peak memory. Optional ``--round_to`` variants measure
+and 8, MACs per token, parameters, peak memory, every model ``--passes`` times in
+alternating order (median kept). Optional ``--round_to`` variants measure
 kernel-friendly widths.
 
-    python benchmarks/bench_speed.py [--ratios 0.2,0.5] [--round_to 0,8] [--out FILE]
+    python benchmarks/bench_speed.py [--ratios 0.2,0.5] [--round_to 0,8] [--passes 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -46,22 +47,32 @@ def prune_variants(model: str, ratios, round_tos, workdir: Path) -> dict:
     return folders
 
 
-def measure(model_path: str, folders: dict, batch_sizes, repeats: int) -> dict:
-    from hgsp.efficiency import efficiency, ratios
+def measure(model_path: str, folders: dict, batch_sizes, repeats: int, passes: int = 1) -> dict:
+    """Efficiency of the base and every pruned model, each timed ``passes`` times.
+
+    The passes go forward, backward, forward, ... over the models so that a drift of the
+    machine's speed during the run does not favour the models timed first; each figure is the
+    median of its passes (:func:`hgsp.efficiency.median_of_passes`).
+    """
+    from tqdm import tqdm
+
+    from hgsp.efficiency import efficiency, median_of_passes, ratios
     from hgsp.modelio import load_model
 
-    out = {}
-    base = load_model(model_path).model
-    out["base"] = efficiency(base, model_path, batch_sizes=batch_sizes, repeats=repeats)
-    del base
-    gc.collect()
-    for label, folder in folders.items():
-        model = load_model(str(folder)).model
-        res = efficiency(model, str(folder), batch_sizes=batch_sizes, repeats=repeats)
-        res["ratios"] = ratios(res, out["base"])
-        out[label] = res
-        del model
-        gc.collect()
+    paths = {"base": model_path, **{label: str(folder) for label, folder in folders.items()}}
+    runs: dict[str, list[dict]] = {label: [] for label in paths}
+    for p in range(passes):
+        labels = list(paths)[:: 1 if p % 2 == 0 else -1]
+        for label in tqdm(labels, desc=f"timing, pass {p + 1}/{passes}"):
+            model = load_model(paths[label]).model
+            runs[label].append(efficiency(model, paths[label], batch_sizes=batch_sizes,
+                                          repeats=repeats))
+            del model
+            gc.collect()
+    out = {label: median_of_passes(results) for label, results in runs.items()}
+    for label, res in out.items():
+        if label != "base":
+            res["ratios"] = ratios(res, out["base"])
     return out
 
 
@@ -90,17 +101,23 @@ def main() -> int:
     parser.add_argument("--ratios", default="0.2,0.5")
     parser.add_argument("--round_to", default="0", help="comma list; 0 = no rounding")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--passes", type=int, default=3,
+                        help="times every model is measured, in alternating order; the median "
+                             "of the passes is reported")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.passes < 1:
+        parser.error(f"--passes must be at least 1, got {args.passes}")
     ratios = [float(r) for r in args.ratios.split(",")]
     round_tos = [int(k) for k in args.round_to.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folders = prune_variants(args.model, ratios, round_tos, Path(tmp))
-        results = measure(args.model, folders, (1, 8), args.repeats)
+        results = measure(args.model, folders, (1, 8), args.repeats, args.passes)
     report = {"model": args.model, "results": results,
               "settings": {"prompt_len": 128, "new_tokens": 32, "batch_sizes": [1, 8],
-                           "repeats": args.repeats, "dtype": "float32"},
+                           "repeats": args.repeats, "passes": args.passes,
+                           "dtype": "float32"},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}

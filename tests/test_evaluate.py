@@ -10,7 +10,8 @@ import torch
 
 from hgsp.adapters import adapter_for
 from hgsp.cli import main
-from hgsp.efficiency import efficiency, macs_per_token, parameter_counts, ratios
+from hgsp.efficiency import (efficiency, macs_per_token, median_of_passes, parameter_counts,
+                             ratios)
 from hgsp.evaluate import compare, parse_settings
 from hgsp.perplexity import (logits_nll, nll_function, perplexity, perplexity_of_ids,
                              sliced_nll)
@@ -93,6 +94,22 @@ def test_efficiency_figures_and_fewer_macs():
     assert ep["macs_per_token"]["attention"] < eb["macs_per_token"]["attention"]
     r = ratios(ep, eb)
     assert 0 < r["parameters"] < 1 and 0 < r["macs_per_token"] < 1
+
+
+def _pass(decode: float, prefill: float, peak: int) -> dict:
+    return {"parameters": {"total": 10}, "speed": {"repeats": 3, "batch1": {
+        "prefill_latency_s": prefill, "decode_tokens_per_s": decode}},
+        "peak_memory": {"peak_bytes": peak, "kind": "process_rss"}}
+
+
+def test_median_of_passes_takes_each_speed_figure_alone():
+    out = median_of_passes([_pass(10.0, 0.3, 5), _pass(30.0, 0.1, 9), _pass(20.0, 0.2, 7)])
+    assert out["speed"]["batch1"] == {"decode_tokens_per_s": 20.0, "prefill_latency_s": 0.2}
+    assert [p["batch1"]["decode_tokens_per_s"] for p in out["speed"]["passes"]] == [10, 30, 20]
+    assert out["peak_memory"]["peak_bytes"] == 9 and out["parameters"] == {"total": 10}
+    assert out["speed"]["repeats"] == 3
+    with pytest.raises(ValueError, match="at least one pass"):
+        median_of_passes([])
 
 
 def test_macs_count_every_linear_once():

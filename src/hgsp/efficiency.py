@@ -180,3 +180,26 @@ def ratios(pruned: dict, base: dict) -> dict:
     if pm and bm:
         out["peak_memory"] = pm / bm
     return out
+
+
+def median_of_passes(passes: list[dict]) -> dict:
+    """One :func:`efficiency` result from several passes over the same model.
+
+    Speed on a shared machine drifts within a session, so a benchmark times every model more
+    than once, in alternating order; each speed figure becomes the median of its passes (kept
+    in ``speed["passes"]`` for the record) and the peak memory the largest seen. Sizes and
+    MACs do not depend on the pass and come from the first.
+    """
+    if not passes:
+        raise ValueError("median_of_passes needs at least one pass")
+    out = {**passes[0], "speed": dict(passes[0]["speed"])}
+    for key, first in passes[0]["speed"].items():
+        if key.startswith("batch"):
+            out["speed"][key] = {m: statistics.median(p["speed"][key][m] for p in passes)
+                                 for m in first}
+    out["speed"]["passes"] = [{k: v for k, v in p["speed"].items() if k.startswith("batch")}
+                              for p in passes]
+    peaks = [p["peak_memory"].get("peak_bytes") for p in passes]
+    if all(peaks):
+        out["peak_memory"] = {**passes[0]["peak_memory"], "peak_bytes": max(peaks)}
+    return out
