@@ -7,7 +7,7 @@ model is loaded back from its folder and evaluated: WikiText-2 and PTB perplexit
 the 4-task zero-shot mean, parameters, and decode speed at batch 1. The base model is evaluated
 once. Writes ``quality.json``, ``quality.md`` (the table) and ``quality_vs_size.png``.
 
-    python benchmarks/bench_quality.py [--ratios 0.2,0.5] [--rows all] \\
+    python benchmarks/bench_quality.py [--ratios 0.2,0.5] [--rows all|core|NAME,...] \\
         [--ppl_max_windows N] [--zeroshot_limit 100] [--out_dir benchmarks/results/quality]
 
 Without ``--ppl_max_windows`` the full test sets are used (2,358 + ~900 windows per model on
@@ -55,12 +55,47 @@ ROWS = {
     "shortgpt": ("ShortGPT", {"method": "shortgpt"}),
 }
 
+# Named sets for --rows. "core" is the comparison itself: the defaults (automatic τ), the
+# variants the usage document names (T=0, τ=∞, τ=0) and the four baselines; the other rows are
+# ablations of the defaults. Half the models of "all", so about half the time.
+ROW_SETS = {
+    "all": list(ROWS),
+    "core": ["hgsp", "hgsp_t0", "hgsp_tau_inf", "hgsp_tau_0",
+             "llm_pruner", "wanda_sp", "flap", "shortgpt"],
+}
+
+
+def row_names(spec: str) -> list[str]:
+    """The rows ``--rows`` selects: a set of :data:`ROW_SETS` or a comma-separated list."""
+    if spec in ROW_SETS:
+        return list(ROW_SETS[spec])
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown or not names:
+        raise ValueError(f"unknown row {', '.join(unknown) or repr(spec)} in --rows; use "
+                         f"{' or '.join(ROW_SETS)}, or a comma-separated list of "
+                         f"{', '.join(ROWS)}")
+    return names
+
+
+def parse_ratios(spec: str) -> list[float]:
+    try:
+        ratios = [float(r) for r in spec.split(",")]
+    except ValueError:
+        ratios = []
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise ValueError(f"--ratios {spec!r}: give comma-separated ratios between 0 and 1, "
+                         "e.g. 0.2,0.5")
+    return ratios
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: the demo model)")
     p.add_argument("--ratios", default="0.2,0.5")
-    p.add_argument("--rows", default="all", help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--rows", default="all",
+                   help=f"{' or '.join(ROW_SETS)} (the defaults, T=0, τ=∞, τ=0 and the four "
+                        f"baselines), or a comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--dataset", default="c4", help="calibration corpus for every method")
     p.add_argument("--ppl_max_windows", type=int, default=None)
     p.add_argument("--zeroshot_limit", type=int, default=100)
@@ -85,7 +120,15 @@ def parse_args(argv=None):
                         "resumes")
     p.add_argument("--work_dir", default=None, help="where the pruned models go (default: "
                                                       "OUT_DIR/runs)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        row_names(args.rows)
+        parse_ratios(args.ratios)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.speed_passes < 1:
+        p.error(f"--speed_passes must be at least 1, got {args.speed_passes}")
+    return args
 
 
 def evaluate(model, tokenizer, settings, folder=None) -> dict:
@@ -233,8 +276,8 @@ def main(argv=None) -> int:
     if args.ppl_only:
         return rescore_perplexity(model_path, out_dir, work_dir, args)
     check_data(settings)  # fail now, not after the first runs, if evaluation data is missing
-    names = list(ROWS) if args.rows == "all" else args.rows.split(",")
-    ratios = [float(r) for r in args.ratios.split(",")]
+    names = row_names(args.rows)
+    ratios = parse_ratios(args.ratios)
     recorded = vars(args)
     if args.update:
         previous = json.loads((out_dir / "quality.json").read_text())
@@ -352,8 +395,8 @@ def rescore_perplexity(model_path: str, out_dir: Path, work_dir: Path, args) -> 
     settings = EvalSettings(kinds=["ppl"], ppl_max_windows=args.ppl_max_windows)
     previous = json.loads((out_dir / "quality.json").read_text())
     rows = previous["rows"]
-    names = None if args.rows == "all" else set(args.rows.split(","))
-    ratios = {float(r) for r in args.ratios.split(",")} | {0.0}
+    names = None if args.rows == "all" else set(row_names(args.rows))
+    ratios = set(parse_ratios(args.ratios)) | {0.0}
     kept = {**previous["settings"], "ppl_max_windows": args.ppl_max_windows}
     for row in rows:
         selected = row["ratio"] in ratios and (names is None or row.get("row", "base") in names)

@@ -146,3 +146,26 @@ def test_speed_only_times_every_model_in_alternating_passes_and_keeps_the_median
                    "b": (11.0, [12.0, 11.0, 10.0])}
     assert doc["settings"]["speed_passes"] == 3
     assert "(`--speed_only`, median of 3 passes)" in (tmp_path / "quality.md").read_text()
+
+
+def test_rows_name_a_set_or_a_list_of_known_rows(bq):
+    assert bq.row_names("all") == list(bq.ROWS)
+    core = bq.row_names("core")
+    assert core[0] == "hgsp" and set(core) < set(bq.ROWS)
+    assert {"llm_pruner", "wanda_sp", "flap", "shortgpt", "hgsp_t0", "hgsp_tau_inf",
+            "hgsp_tau_0"} <= set(core)
+    assert bq.row_names("flap, hgsp") == ["flap", "hgsp"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rows", "hgsp,slicegpt"], "unknown row slicegpt in --rows"),
+    (["--rows", ","], "unknown row ',' in --rows"),
+    (["--ratios", "0.2,half"], "--ratios '0.2,half': give comma-separated ratios"),
+    (["--ratios", "1.5"], "between 0 and 1"),
+    (["--speed_only", "--speed_passes", "0"], "--speed_passes must be at least 1"),
+])
+def test_bad_arguments_stop_before_any_work(bq, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        bq.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
