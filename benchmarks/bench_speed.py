@@ -5,7 +5,8 @@ Prunes the demo model at each ratio (default 0.2 and 0.5, H-GSP defaults, calibr
 C4 sample; importances are computed once and cached), then measures the base and every pruned
 model with :func:`hgsp.efficiency.efficiency`: prefill latency and decode tokens/s at batch 1
 and 8, MACs per token, parameters, peak memory, every model ``--passes`` times in
-alternating order (median kept). Optional ``--round_to`` variants measure
+alternating order (the median of each speed figure kept, the peak memory of
+the largest pass). Optional ``--round_to`` variants measure
 kernel-friendly widths.
 
     python benchmarks/bench_speed.py [--ratios 0.2,0.5] [--round_to 0,8] [--passes 3] [--out FILE]
@@ -51,8 +52,8 @@ def measure(model_path: str, folders: dict, batch_sizes, repeats: int, passes: i
     """Efficiency of the base and every pruned model, each timed ``passes`` times.
 
     The passes go forward, backward, forward, ... over the models so that a drift of the
-    machine's speed during the run does not favour the models timed first; each figure is the
-    median of its passes (:func:`hgsp.efficiency.median_of_passes`).
+    machine's speed during the run does not favour the models timed first; each speed figure is
+    the median of its passes (:func:`hgsp.efficiency.median_of_passes`).
     """
     from tqdm import tqdm
 
