@@ -325,6 +325,7 @@ def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int
     """
     from tqdm import tqdm
 
+    from hgsp.efficiency import pass_orders
     from hgsp.evaluate import EvalSettings
 
     settings = EvalSettings(kinds=["efficiency"], batch_sizes=(1,))
@@ -333,8 +334,7 @@ def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int
     folders = [_saved_model(model_path, row, args, work_dir)
                for row in tqdm(rows, desc="pruned models")]
     timings: list[list[float]] = [[] for _ in rows]
-    for p in range(args.speed_passes):
-        order = list(range(len(rows)))[:: 1 if p % 2 == 0 else -1]
+    for p, order in enumerate(pass_orders(range(len(rows)), args.speed_passes)):
         for i in tqdm(order, desc=f"timing, pass {p + 1}/{args.speed_passes}"):
             eff = _evaluate_folder(folders[i], settings)["efficiency"]
             timings[i].append(eff["speed"]["batch1"]["decode_tokens_per_s"])

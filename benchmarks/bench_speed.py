@@ -57,13 +57,12 @@ def measure(model_path: str, folders: dict, batch_sizes, repeats: int, passes: i
     """
     from tqdm import tqdm
 
-    from hgsp.efficiency import efficiency, median_of_passes, ratios
+    from hgsp.efficiency import efficiency, median_of_passes, pass_orders, ratios
     from hgsp.modelio import load_model
 
     paths = {"base": model_path, **{label: str(folder) for label, folder in folders.items()}}
     runs: dict[str, list[dict]] = {label: [] for label in paths}
-    for p in range(passes):
-        labels = list(paths)[:: 1 if p % 2 == 0 else -1]
+    for p, labels in enumerate(pass_orders(paths, passes)):
         for label in tqdm(labels, desc=f"timing, pass {p + 1}/{passes}"):
             model = load_model(paths[label]).model
             runs[label].append(efficiency(model, paths[label], batch_sizes=batch_sizes,

@@ -182,6 +182,13 @@ def ratios(pruned: dict, base: dict) -> dict:
     return out
 
 
+def pass_orders(items: list, passes: int) -> list[list]:
+    """The order of ``items`` in each of ``passes`` timing passes: forward, backward, forward,
+    ... so that a drift of a shared machine's speed during a session does not favour the items
+    timed first."""
+    return [list(items)[:: 1 if p % 2 == 0 else -1] for p in range(passes)]
+
+
 def median_of_passes(passes: list[dict]) -> dict:
     """One :func:`efficiency` result from several passes over the same model.
 
