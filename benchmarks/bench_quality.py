@@ -79,14 +79,13 @@ def row_names(spec: str) -> list[str]:
 
 
 def parse_ratios(spec: str) -> list[float]:
+    from hgsp.errors import UserError
+    from hgsp.sweep import parse_ratios as parse
+
     try:
-        ratios = [float(r) for r in spec.split(",")]
-    except ValueError:
-        ratios = []
-    if not ratios or not all(0 < r < 1 for r in ratios):
-        raise ValueError(f"--ratios {spec!r}: give comma-separated ratios between 0 and 1, "
-                         "e.g. 0.2,0.5")
-    return ratios
+        return parse(spec, "--ratios")
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def parse_args(argv=None):

@@ -90,6 +90,26 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_variants(parser, ratios: str, round_to: str):
+    """The pruning ratios and ``--round_to`` values to measure; a bad one stops the script
+    with a one-line error (exit 2) before anything is pruned."""
+    from hgsp.errors import UserError
+    from hgsp.sweep import parse_ratios
+
+    try:
+        parsed = parse_ratios(ratios, "--ratios")
+    except UserError as exc:
+        parser.error(str(exc))
+    try:
+        round_tos = [int(k) for k in round_to.split(",")]
+    except ValueError:
+        round_tos = [-1]
+    if any(k < 0 for k in round_tos):
+        parser.error(f"--round_to '{round_to}' must be a comma-separated list of whole numbers "
+                     "≥ 0, e.g. 0,8 (0 = no rounding)")
+    return parsed, round_tos
+
+
 def main() -> int:
     import torch
 
@@ -109,8 +129,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.passes < 1:
         parser.error(f"--passes must be at least 1, got {args.passes}")
-    ratios = [float(r) for r in args.ratios.split(",")]
-    round_tos = [int(k) for k in args.round_to.split(",")]
+    ratios, round_tos = parse_variants(parser, args.ratios, args.round_to)
     with tempfile.TemporaryDirectory() as tmp:
         folders = prune_variants(args.model, ratios, round_tos, Path(tmp))
         results = measure(args.model, folders, (1, 8), args.repeats, args.passes)

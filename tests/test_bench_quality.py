@@ -160,8 +160,9 @@ def test_rows_name_a_set_or_a_list_of_known_rows(bq):
 @pytest.mark.parametrize("argv,message", [
     (["--rows", "hgsp,slicegpt"], "unknown row slicegpt in --rows"),
     (["--rows", ","], "unknown row ',' in --rows"),
-    (["--ratios", "0.2,half"], "--ratios '0.2,half': give comma-separated ratios"),
-    (["--ratios", "1.5"], "between 0 and 1"),
+    (["--ratios", "0.2,half"], "--ratios '0.2,half' must be a number or a comma-separated"),
+    (["--ratios", "1.5"], "--ratios 1.5 must be between 0 and 1"),
+    (["--ratios", "0.2,0.2"], "lists a ratio twice"),
     (["--speed_only", "--speed_passes", "0"], "--speed_passes must be at least 1"),
 ])
 def test_bad_arguments_stop_before_any_work(bq, capsys, argv, message):

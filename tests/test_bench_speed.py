@@ -51,3 +51,21 @@ def test_passes_must_be_positive(bench, monkeypatch, capsys):
         bench.main()
     assert exc.value.code == 2
     assert "--passes must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ratios", "0.2,half"], "--ratios '0.2,half' must be a number"),
+    (["--ratios", "0"], "--ratios 0 must be between 0 and 1"),
+    (["--round_to", "8,x"], "--round_to '8,x' must be a comma-separated list of whole numbers"),
+    (["--round_to", "-8"], "--round_to '-8' must be"),
+])
+def test_bad_variants_stop_before_anything_is_pruned(bench, monkeypatch, capsys, argv, message):
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("pruned despite a bad argument")
+
+    monkeypatch.setattr(bench, "prune_variants", no_pruning)
+    monkeypatch.setattr("sys.argv", ["bench_speed.py", "--model", "x", *argv])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

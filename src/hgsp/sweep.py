@@ -18,17 +18,20 @@ from .save import ResultsDir
 log = logging.getLogger(__name__)
 
 
-def parse_ratios(text: str) -> list[float]:
-    """``"0.2,0.3,0.5"`` → ``[0.2, 0.3, 0.5]``; a one-line UserError otherwise."""
+def parse_ratios(text: str, flag: str = "--pruning_ratio") -> list[float]:
+    """``"0.2,0.3,0.5"`` → ``[0.2, 0.3, 0.5]``; a one-line UserError naming ``flag`` otherwise."""
     try:
         ratios = [float(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
-        raise UserError(f"--pruning_ratio '{text}' must be a number or a comma-separated list "
+        raise UserError(f"{flag} '{text}' must be a number or a comma-separated list "
                         "such as 0.2,0.3,0.5") from None
     if not ratios:
-        raise UserError("--pruning_ratio needs at least one value")
+        raise UserError(f"{flag} needs at least one value")
     if len(set(ratios)) != len(ratios):
-        raise UserError(f"--pruning_ratio '{text}' lists a ratio twice")
+        raise UserError(f"{flag} '{text}' lists a ratio twice")
+    outside = [r for r in ratios if not 0 < r < 1]
+    if outside:
+        raise UserError(f"{flag} {outside[0]:g} must be between 0 and 1 (exclusive), e.g. 0.5")
     return ratios
 
 
