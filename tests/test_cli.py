@@ -126,7 +126,7 @@ def test_same_inputs_same_plan(tiny_model_dir, data_dir, tmp_path, capsys):
 
 BAD_INPUTS = [
     (["--pruning_ratio", "1.5"], "--pruning_ratio 1.5 must be between 0 and 1"),
-    (["--pruning_ratio", "0"], "--pruning_ratio 0.0 must be between 0 and 1"),
+    (["--pruning_ratio", "0"], "--pruning_ratio 0 must be between 0 and 1"),
     (["--pruning_ratio", "0.95"], "decoder layers hold only"),
     (["--temperature", "-1"], "--temperature -1.0 must be a finite number >= 0"),
     (["--epsilon", "1"], "--epsilon 1.0 must be in [0, 1)"),

@@ -198,7 +198,7 @@ class PruneConfig:
             raise UserError(f"--output_name '{self.output_name}' must be a plain folder name "
                             "(letters, digits, _ . -)")
         if not 0 < self.pruning_ratio < 1:
-            raise UserError(f"--pruning_ratio {self.pruning_ratio} must be between 0 and 1 "
+            raise UserError(f"--pruning_ratio {self.pruning_ratio:g} must be between 0 and 1 "
                             "(exclusive), e.g. 0.5")
         if not self.temperature >= 0 or math.isinf(self.temperature):
             raise UserError(f"--temperature {self.temperature} must be a finite number >= 0")
