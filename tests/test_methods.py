@@ -21,6 +21,7 @@ from hgsp.adapters import adapter_for
 from hgsp.baselines import block_influence, compensation_bias, flap_scores, fluctuation, \
     standardize, token_cosine_sum, wanda_sp_scores
 from hgsp.config import PruneConfig
+from hgsp.errors import UserError
 from hgsp.methods import llm_pruner_range, lowest, shortgpt_layers, uniform_counts, \
     wanda_sp_metrics
 from hgsp.pipeline import prune
@@ -157,14 +158,36 @@ def test_llm_pruner_range_scales_with_depth():
     assert llm_pruner_range(80) == (10, 75)
 
 
+class _Dims:
+    num_kv_heads, intermediate = 4, 100
+
+
 def test_uniform_counts_meet_the_budget():
-    class D:
-        num_kv_heads, intermediate = 4, 100
     attn_cost, ch_cost, n = 50, 3, 10
-    budget = n * 2 * attn_cost + n * 30 * ch_cost  # half the groups, 30 channels
-    assert uniform_counts(D, attn_cost, ch_cost, n, budget, 1) == (2, 30)
-    heads, channels = uniform_counts(D, attn_cost, ch_cost, n, budget, 8)
-    assert (D.intermediate - channels) % 8 == 0 and abs(channels - 30) <= 4
+    budget = n * 1 * attn_cost + n * 47 * ch_cost  # one group, 47 channels
+    assert uniform_counts(_Dims, attn_cost, ch_cost, n, budget, 1) == (1, 47)
+    heads, channels = uniform_counts(_Dims, attn_cost, ch_cost, n, budget, 8)
+    assert heads == 1 and (_Dims.intermediate - channels) % 8 == 0 and abs(channels - 47) <= 4
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.45, 0.6, 0.8])
+def test_uniform_counts_match_a_single_ratio_run(ratio):
+    """The original tools remove int(r * groups) groups and r of the channels of every layer:
+    at the size such a run has, the counts are that run's."""
+    attn_cost, ch_cost, n = 50, 3, 10
+    groups = int(ratio * _Dims.num_kv_heads)
+    channels = round(ratio * _Dims.intermediate)
+    budget = n * (groups * attn_cost + channels * ch_cost)
+    assert uniform_counts(_Dims, attn_cost, ch_cost, n, budget, 1) == (groups, channels)
+
+
+def test_uniform_counts_between_runs_take_the_nearest_group_count():
+    # per layer, 0 groups reach at most 75, 1 group starts at 125 (50 + 25 channels * 3)
+    attn_cost, ch_cost, n = 50, 3, 10
+    assert uniform_counts(_Dims, attn_cost, ch_cost, n, n * 90, 1)[0] == 0
+    assert uniform_counts(_Dims, attn_cost, ch_cost, n, n * 110, 1) == (1, 20)
+    with pytest.raises(UserError, match="lower --pruning_ratio"):
+        uniform_counts(_Dims, attn_cost, ch_cost, n, n * 500, 1)
 
 
 def test_shortgpt_removes_lowest_influence_layers_closest_to_budget():

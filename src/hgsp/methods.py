@@ -12,7 +12,9 @@ paper references in :mod:`hgsp.baselines`):
 - ``shortgpt``: whole layers, lowest Block Influence first.
 
 The uniform methods remove whole KV groups, so a model with few KV heads can only approach a
-fraction in steps of one group; the MLP takes up the rest so that the total meets the budget.
+fraction in steps of one group. Their original code prunes ``int(r * groups)`` groups and the
+fraction r of the channels; the group count here is the one such a run has at the size nearest
+the budget, and the MLP takes up the rest so that the total meets the budget.
 """
 
 from __future__ import annotations
@@ -92,21 +94,32 @@ def uniform_counts(dims, attn_cost: int, ch_cost: int, n_layers: int, budget: in
                    round_to: int) -> tuple[int, int]:
     """KV groups and MLP channels to remove from each of ``n_layers`` layers.
 
-    The groups follow the overall fraction (whole groups, at least one kept); the channels
-    make up the rest of the budget, rounded so the kept width is a multiple of ``round_to``.
+    The original tools prune one ratio r of every module: ``int(r * groups)`` whole groups and
+    r of the channels. No single r meets an arbitrary budget, so the group count is the one
+    such a run would have at the size nearest the budget; the channels then make up the rest
+    of the budget exactly, rounded so the kept width is a multiple of ``round_to``.
     """
-    per_layer = dims.num_kv_heads * attn_cost + dims.intermediate * ch_cost
-    fraction = budget / (n_layers * per_layer)
-    if fraction >= 1:
-        raise UserError(f"the budget needs {fraction:.0%} of the {n_layers} layers this method "
-                        "prunes: use a lower --pruning_ratio")
-    heads = min(round(fraction * dims.num_kv_heads), dims.num_kv_heads - 1)
-    while heads > 0 and heads * attn_cost > budget / n_layers:  # rounded up past the budget
+    groups, width = dims.num_kv_heads, dims.intermediate
+    per_layer = groups * attn_cost + width * ch_cost
+    target = budget / n_layers
+    if target >= per_layer:
+        raise UserError(f"the budget needs {target / per_layer:.0%} of the {n_layers} layers this "
+                        "method prunes: use a lower --pruning_ratio")
+    heads = min(range(groups), key=lambda h: _gap(target, h, groups, attn_cost, width * ch_cost))
+    while heads > 0 and heads * attn_cost > target:
         heads -= 1
-    channels = (budget / n_layers - heads * attn_cost) / ch_cost
-    kept = round((dims.intermediate - channels) / round_to) * round_to
-    kept = min(max(kept, round_to), dims.intermediate)
-    return heads, dims.intermediate - kept
+    channels = (target - heads * attn_cost) / ch_cost
+    kept = round((width - channels) / round_to) * round_to
+    kept = min(max(kept, round_to), width)
+    return heads, width - kept
+
+
+def _gap(target: float, heads: int, groups: int, attn_cost: int, mlp_cost: int) -> float:
+    """How far ``target`` lies from the per-layer sizes a single ratio r can give with
+    ``int(r * groups) == heads``, i.e. r in [heads/groups, (heads+1)/groups)."""
+    low = heads * attn_cost + heads / groups * mlp_cost
+    high = heads * attn_cost + (heads + 1) / groups * mlp_cost
+    return max(low - target, target - high, 0.0)
 
 
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
