@@ -91,7 +91,10 @@ def main(argv=None) -> int:
     model_dir = args.model or str(asset_paths()["model"])
     ids = torch.load(args.calibration, weights_only=True)["calibration"]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    result = {"model": model_dir, "calibration": args.calibration, "windows": list(ids.shape),
+    calibration = Path(args.calibration).resolve()
+    if calibration.is_relative_to(ROOT):  # the committed windows: a path that holds anywhere
+        calibration = calibration.relative_to(ROOT)
+    result = {"model": model_dir, "calibration": str(calibration), "windows": list(ids.shape),
               **compare(model, ids, args.batch_size)}
     n_layers = result["layers"][1] - result["layers"][0] + 1
     for n, where in result["differ"].items():
