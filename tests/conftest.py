@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,17 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HGSP_CACHE_DIR", str(tmp_path / "hgsp-cache"))
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """Import one of the repository's scripts (``benchmarks/...``, ``scripts/...``) as a module:
+    they are files, not part of the installed package."""
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 VOCAB = 96

@@ -1,22 +1,13 @@
 """benchmarks/llm_pruner_grouping.py: hgsp's KV-group scoring against LLM-Pruner's fold."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import VOCAB, load_script, tiny_model
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "llm_pruner_grouping", ROOT / "benchmarks" / "llm_pruner_grouping.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/llm_pruner_grouping.py")
 
 
 def test_query_heads_go_to_the_kv_head_they_share_or_by_position(bench):

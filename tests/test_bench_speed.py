@@ -1,20 +1,12 @@
 """benchmarks/bench_speed.py: every model timed in alternating passes, medians reported."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_speed",
-                                                  ROOT / "benchmarks" / "bench_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_speed.py")
 
 
 def test_passes_alternate_and_the_median_is_reported(bench, monkeypatch):

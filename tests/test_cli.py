@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from transformers import AutoModelForCausalLM
 
 from hgsp.cli import main
@@ -292,12 +293,7 @@ def test_missing_required_flag(capsys):
 def test_exported_calibration_windows_are_the_runs(finished_run, tiny_model_dir, data_dir,
                                                    tmp_path):
     """benchmarks/export_calibration.py writes the windows `prune` calibrated on."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "export_calibration", ROOT / "benchmarks" / "export_calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/export_calibration.py")
     out = tmp_path / "calibration"
     assert module.main(["--model", str(tiny_model_dir), "--data_dir", str(data_dir),
                         "--dataset", "c4", "--num_examples", "4", "--seq_len", "16",

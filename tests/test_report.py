@@ -6,12 +6,12 @@ one of them is evaluated (perplexity on a few windows) so the base-vs-pruned par
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from hgsp.cli import main
 
@@ -192,10 +192,7 @@ def test_not_a_results_dir(command, runs, tmp_path, capsys):
 
 
 def test_cli_docs_up_to_date():
-    spec = importlib.util.spec_from_file_location("gen_cli_docs",
-                                                  ROOT / "scripts" / "gen_cli_docs.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = load_script("scripts/gen_cli_docs.py")
     committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     assert committed == gen.render(), "docs/cli.md is stale: run python scripts/gen_cli_docs.py"
 
