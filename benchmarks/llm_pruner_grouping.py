@@ -56,23 +56,22 @@ def group_scores(kv, query, folded: bool):
 def compare(model, ids, batch_size: int) -> dict:
     import torch
 
+    from hgsp.adapters import adapter_for
     from hgsp.methods import llm_pruner_range
 
+    adapter = adapter_for(model.config)
+    d, layers = adapter.dims(), adapter.layers(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    layers = model.model.layers
     for layer in layers:
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
             getattr(layer.self_attn, n).weight.requires_grad_(True)
     for i in range(0, ids.shape[0], batch_size):  # gradients summed over batches, as hgsp does
         model(input_ids=ids[i:i + batch_size], labels=ids[i:i + batch_size]).loss.backward()
-    cfg = model.config
-    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
     start, stop = llm_pruner_range(len(layers))
-    differ = {n: [] for n in range(1, n_kv)}
+    differ = {n: [] for n in range(1, d.num_kv_heads)}
     for li in range(start, stop):
-        kv, query = head_scores(layers[li].self_attn, n_q, n_kv, head_dim)
+        kv, query = head_scores(layers[li].self_attn, d.num_heads, d.num_kv_heads, d.head_dim)
         shared, folded = group_scores(kv, query, False), group_scores(kv, query, True)
         for n in differ:
             if set(torch.argsort(shared)[:n].tolist()) != set(torch.argsort(folded)[:n].tolist()):
