@@ -106,6 +106,7 @@ def uniform_counts(dims, attn_cost: int, ch_cost: int, n_layers: int, budget: in
         raise UserError(f"the budget needs {target / per_layer:.0%} of the {n_layers} layers this "
                         "method prunes: use a lower --pruning_ratio")
     heads = min(range(groups), key=lambda h: _gap(target, h, groups, attn_cost, width * ch_cost))
+    # the nearest run can lie above the budget; its groups alone must not exceed it
     while heads > 0 and heads * attn_cost > target:
         heads -= 1
     channels = (target - heads * attn_cost) / ch_cost
