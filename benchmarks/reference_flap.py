@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""Run FLAP's own selection code on the benchmark's calibration windows and compare the units
+it removes with ``hgsp prune --method flap``.
+
+The authors' code (https://github.com/CASIA-IVA-Lab/FLAP) is not part of this project: clone
+it and pass the clone. This script runs its ``lib/prune.py`` ``prune_flap`` (the paper's
+setting: WIFV metric, AL-AM structure) as it is, except where it cannot run on a GQA model or on
+transformers 5, each change made here at run time:
+
+- the width of an attention unit: its code reshapes the o_proj input features into heads of
+  128 (LLaMA-7B); here it is one KV group, ``query heads per KV head × head_dim`` features
+  (192 on the demo model), the smallest unit a GQA model can drop (the one line
+  ``reshape(len(layers), -1, 128)`` is changed before the module runs);
+- the calibration loader returns the exported windows (``export_calibration.py``) instead of
+  its WikiText-2 loader;
+- its ``compress`` is replaced by a recorder of the masks it is given: its code would slice
+  q/k/v with one mask (multi-head attention only); the masks are what is compared;
+- each decoder layer computes its rotary embeddings from ``position_ids`` when called without
+  them, as its per-layer loop calls layers of the transformers of its time.
+
+Its pruning ratio is a share of the prunable units weighted as its code weighs them (a head
+512/3 channels); it is set to the share the parameter budget of ``--ratios`` removes.
+
+    git clone https://github.com/CASIA-IVA-Lab/FLAP /path/FLAP
+    python benchmarks/reference_flap.py --flap_dir /path/FLAP [--model PATH] \\
+        [--calibration benchmarks/results/calibration/calibration.pt] [--ratios 0.2,0.5] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+HEAD_RESHAPE = "reshape(len(layers), -1, 128)"
+# FLAP's compression weight of an attention head, in MLP channels (LLaMA-7B: 4·d·128 / 3·d)
+HEAD_WEIGHT = 512.0 / 3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--flap_dir", required=True, help="a clone of CASIA-IVA-Lab/FLAP")
+    p.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    p.add_argument("--calibration",
+                   default=str(ROOT / "benchmarks" / "results" / "calibration" / "calibration.pt"),
+                   help="token windows written by export_calibration.py")
+    p.add_argument("--ratios", default="0.2,0.5")
+    p.add_argument("--batch_size", type=int, default=4, help="hgsp's measurement only")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reference_flap.json"))
+    return p.parse_args(argv)
+
+
+def import_prune(flap_dir: str, unit_width: int):
+    """FLAP's ``lib/prune.py`` as a module, with its attention unit ``unit_width`` wide."""
+    from hgsp.errors import UserError
+
+    root = Path(flap_dir).expanduser().resolve()
+    path = root / "lib" / "prune.py"
+    if not path.is_file():
+        raise UserError(f"--flap_dir '{flap_dir}' has no lib/prune.py: pass a clone of "
+                        "https://github.com/CASIA-IVA-Lab/FLAP")
+    source = path.read_text()
+    if source.count(HEAD_RESHAPE) != 1:
+        raise UserError(f"{path} does not contain '{HEAD_RESHAPE}' once: this script follows "
+                        "the FLAP code of 2024; check out that version")
+    for name in [n for n in sys.modules if n == "lib" or n.startswith("lib.")]:
+        del sys.modules[name]  # another package named lib must not stand in for FLAP's
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location("lib.prune", path)
+        module = importlib.util.module_from_spec(spec)
+        module.__package__ = "lib"
+        code = compile(source.replace(HEAD_RESHAPE, f"reshape(len(layers), -1, {unit_width})"),
+                       str(path), "exec")
+        exec(code, module.__dict__)  # noqa: S102 - the user's clone of the reference code
+    finally:
+        sys.path.remove(str(root))
+    return module
+
+
+def supply_rotary(model) -> None:
+    """Let each decoder layer be called with ``position_ids`` only, returning a tuple."""
+    rotary = model.model.rotary_emb
+    for layer in model.model.layers:
+        def forward(hidden_states, attention_mask=None, position_ids=None, _inner=layer.forward,
+                    **kwargs):
+            if kwargs.get("position_embeddings") is None:
+                kwargs["position_embeddings"] = rotary(hidden_states, position_ids)
+            return (_inner(hidden_states, attention_mask=attention_mask,
+                           position_ids=position_ids, **kwargs),)
+        layer.forward = forward
+
+
+def flap_ratio(adapter, budget: int) -> float:
+    """FLAP's ``pruning_ratio`` that removes ``budget`` parameters, in its own unit weights."""
+    d = adapter.dims()
+    channel = adapter.mlp_channel_cost()
+    total = d.num_layers * (d.num_kv_heads * HEAD_WEIGHT + d.intermediate)
+    return budget / channel / total
+
+
+def reference_masks(prune, model_dir: str, ids, ratio: float):
+    """The attention-unit and channel keep masks FLAP's ``prune_flap`` hands to ``compress``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.seqlen = ids.shape[1]
+    supply_rotary(model)
+    index = {id(layer): i for i, layer in enumerate(model.model.layers)}
+    masks = {"attn": {}, "mlp": {}}
+
+    def record(layer, attn_mask, mlp_mask, *args, **kwargs):
+        if attn_mask is not None:
+            masks["attn"][index[id(layer)]] = attn_mask.bool().tolist()
+        if mlp_mask is not None:
+            masks["mlp"][index[id(layer)]] = mlp_mask.bool().tolist()
+
+    prune.compress = record
+    prune.get_loaders = lambda *a, **k: ([(w[None], None) for w in ids], None)
+    args = types.SimpleNamespace(metrics="WIFV", structure="AL-AM", nsamples=len(ids), seed=0,
+                                 pruning_ratio=ratio, remove_heads=0, unstr=False)
+    prune.prune_flap(args, model, None, device=torch.device("cpu"))
+    n = len(model.model.layers)
+    return [masks["attn"][i] for i in range(n)], [masks["mlp"][i] for i in range(n)]
+
+
+def hgsp_plan(model, adapter, ids, ratio: float, batch_size: int, stats):
+    """The plan of ``--method flap`` at ``ratio`` and its parameter budget."""
+    from hgsp.config import PruneConfig
+    from hgsp.methods import Measurements
+    from hgsp.pipeline import count_params, decoder_params, removal_budget, score_and_select
+    from hgsp.plan import plan_from_selection
+
+    cfg = PruneConfig(base_model="-", output_name="-", method="flap", pruning_ratio=ratio)
+    budget = removal_budget(count_params(model), decoder_params(model, adapter), ratio)
+    table, _, selection = score_and_select(Measurements(stats=stats, calibration=ids), adapter,
+                                           cfg, budget, model)
+    d = adapter.dims()
+    return plan_from_selection(table, selection, adapter.model_type, d.num_kv_heads,
+                               d.intermediate), budget
+
+
+def flap_variances(bias_gpt, model, adapter, ids) -> dict:
+    """FLAP's own running estimate of each o_proj / down_proj input's fluctuation (its
+    ``BiasGPT``, fed one window at a time on the unpruned model as its loop does)."""
+    import torch
+
+    from hgsp.surgery import out_projection
+
+    layers = adapter.layers(model)
+    wrappers, handles = {}, []
+    for i, layer in enumerate(layers):
+        for kind in ("attn", "mlp"):
+            lin = out_projection(layer, kind)
+            wrappers[(kind, i)] = bias_gpt(lin, "WIFV")
+            handles.append(lin.register_forward_hook(
+                lambda _m, inp, out, key=(kind, i): wrappers[key].add_batch(inp[0].data, out.data)))
+    try:
+        with torch.no_grad():
+            for window in ids:
+                model(window[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return {kind: torch.stack([wrappers[(kind, i)].fluc_inp.double() for i in range(len(layers))])
+            for kind in ("attn", "mlp")}
+
+
+class WithVariance:
+    """Activation statistics whose ``variance`` is given (FLAP's estimate) instead of exact."""
+
+    def __init__(self, stats, variances: dict):
+        self._stats, self._variances = stats, variances
+
+    def variance(self, kind: str):
+        return self._variances[kind]
+
+    def __getattr__(self, name):
+        return getattr(self._stats, name)
+
+
+def removed_units(plan, d) -> tuple[set, set]:
+    groups, channels = set(), set()
+    for lp in plan.layers:
+        groups |= {(lp.index, g) for g in set(range(d.num_kv_heads)) - set(lp.kept_kv_heads)}
+        channels |= {(lp.index, c) for c in set(range(d.intermediate)) - set(lp.kept_channels)}
+    return groups, channels
+
+
+def overlap(ours: set, theirs: set) -> dict:
+    both = len(ours & theirs)
+    return {"hgsp": len(ours), "flap_code": len(theirs), "both": both,
+            "jaccard": round(both / max(len(ours | theirs), 1), 4)}
+
+
+def compare(prune, model_dir: str, ids, ratios: list[float], batch_size: int) -> dict:
+    import torch
+
+    from hgsp.activations import collect_activation_stats
+    from hgsp.adapters import adapter_for
+    from hgsp.modelio import load_model
+
+    model = load_model(model_dir, dtype=torch.float32).model
+    adapter = adapter_for(model.config)
+    d = adapter.dims()
+    stats = collect_activation_stats(model, adapter, ids, batch_size)
+    their_variance = WithVariance(stats, flap_variances(prune.BiasGPT, model, adapter, ids))
+    result = {}
+    for r in ratios:
+        plan, budget = hgsp_plan(model, adapter, ids, r, batch_size, stats)
+        same_variance, _ = hgsp_plan(model, adapter, ids, r, batch_size, their_variance)
+        attn_keep, mlp_keep = reference_masks(prune, model_dir, ids, flap_ratio(adapter, budget))
+        theirs = ({(i, g) for i, m in enumerate(attn_keep) for g, k in enumerate(m) if not k},
+                  {(i, c) for i, m in enumerate(mlp_keep) for c, k in enumerate(m) if not k})
+        ours, ours_same = removed_units(plan, d), removed_units(same_variance, d)
+        result[str(r)] = {
+            "budget": budget, "flap_pruning_ratio": round(flap_ratio(adapter, budget), 6),
+            "kv_groups_removed": overlap(ours[0], theirs[0]),
+            "channels_removed": overlap(ours[1], theirs[1]),
+            # hgsp's selection fed FLAP's own variance estimate: what remains is the cut
+            "with_flap_variance": {"kv_groups_removed": overlap(ours_same[0], theirs[0]),
+                                   "channels_removed": overlap(ours_same[1], theirs[1])},
+            "kv_groups_removed_per_layer": {
+                "hgsp": [d.num_kv_heads - len(lp.kept_kv_heads) for lp in plan.layers],
+                "flap_code": [len(m) - sum(m) for m in attn_keep]},
+            "channels_removed_per_layer": {
+                "hgsp": [d.intermediate - len(lp.kept_channels) for lp in plan.layers],
+                "flap_code": [len(m) - sum(m) for m in mlp_keep]},
+        }
+    return result
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from hgsp.assets import asset_paths
+    from hgsp.atomic import atomic_write
+    from hgsp.errors import UserError
+
+    args = parse_args(argv)
+    model_dir = args.model or str(asset_paths()["model"])
+    try:
+        from transformers import AutoConfig
+
+        from hgsp.adapters import adapter_for
+
+        dims = adapter_for(AutoConfig.from_pretrained(model_dir)).dims()
+        prune = import_prune(args.flap_dir, dims.gqa_ratio * dims.head_dim)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ids = torch.load(args.calibration, weights_only=True)["calibration"]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    result = compare(prune, model_dir, ids, ratios, args.batch_size)
+    calibration = Path(args.calibration).resolve()
+    if calibration.is_relative_to(ROOT):  # the committed windows: a path that holds anywhere
+        calibration = calibration.relative_to(ROOT)
+    result = {"model": model_dir, "calibration": str(calibration), "windows": list(ids.shape),
+              "torch": torch.__version__, "ratios": result}
+    for r, res in result["ratios"].items():
+        for kind in ("kv_groups_removed", "channels_removed"):
+            o = res[kind]
+            same = res["with_flap_variance"][kind]
+            print(f"ratio {r}, {kind}: hgsp {o['hgsp']}, FLAP's code {o['flap_code']}, "
+                  f"both {o['both']} (Jaccard {o['jaccard']}); with FLAP's variance estimate "
+                  f"hgsp {same['hgsp']}, both {same['both']} (Jaccard {same['jaccard']})")
+    atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(result, indent=1) + "\n"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""benchmarks/reference_flap.py: driving a FLAP-style ``lib/prune.py`` and comparing with hgsp.
+
+The authors' code is not in the repository; each test writes a stand-in with the parts of its
+interface the script relies on.
+"""
+
+import pytest
+import torch
+from conftest import VOCAB, load_script, tiny_model
+
+PRUNE = '''
+import torch
+from .layerwrapper import BiasGPT
+from .data import get_loaders
+
+
+def compress(layer, attn_mask, mlp_mask, attn_mean_inp, mlp_mean_inp, device, bias=True,
+             unstr=False):
+    raise RuntimeError("multi-head attention only")
+
+
+def prune_flap(args, model, tokenizer, device=None):
+    loader, _ = get_loaders("wikitext2", nsamples=args.nsamples, seed=args.seed,
+                            seqlen=model.seqlen, tokenizer=tokenizer)
+    layers = model.model.layers
+    ids = loader[0][0]
+    x = model.model.embed_tokens(ids)
+    # a layer called as FLAP's loop calls it: position_ids only, the result indexed
+    out = layers[0](x, attention_mask=None, position_ids=torch.arange(ids.shape[1])[None])[0]
+    assert out.shape == x.shape
+    width = layers[0].self_attn.o_proj.in_features
+    metric = torch.arange(float(len(layers) * width)).view(len(layers), width)
+    attn_metric = metric.reshape(len(layers), -1, 128).mean(dim=2)
+    count = max(1, round(args.pruning_ratio * attn_metric.numel()))
+    cut = attn_metric.view(-1).sort().values[count - 1]
+    for i, layer in enumerate(layers):
+        compress(layer, attn_metric[i] > cut, None, None, None, device)
+        keep = torch.ones(layer.mlp.down_proj.in_features, dtype=torch.bool)
+        compress(layer, None, keep, None, None, device)
+'''
+
+LAYERWRAPPER = '''
+import torch
+
+
+class BiasGPT:
+    def __init__(self, layer, metric):
+        self.n, self.s, self.sq = 0, 0.0, 0.0
+
+    def add_batch(self, inp, out):
+        x = inp.reshape(-1, inp.shape[-1]).double()
+        self.n += x.shape[0]
+        self.s = self.s + x.sum(0)
+        self.sq = self.sq + x.pow(2).sum(0)
+        self.fluc_inp = (self.sq - self.s * self.s / self.n) / (self.n - 1)
+'''
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("benchmarks/reference_flap.py")
+
+
+def standin(folder, prune=PRUNE):
+    (folder / "lib").mkdir(parents=True)
+    (folder / "lib" / "prune.py").write_text(prune)
+    (folder / "lib" / "layerwrapper.py").write_text(LAYERWRAPPER)
+    (folder / "lib" / "data.py").write_text("def get_loaders(*a, **k):\n    raise RuntimeError\n")
+    return str(folder)
+
+
+def test_masks_come_per_kv_group_and_are_compared(bench, tiny_model_dir, tmp_path):
+    model = tiny_model("llama")
+    d = model.config
+    unit = d.num_attention_heads // d.num_key_value_heads * d.head_dim
+    prune = bench.import_prune(standin(tmp_path / "FLAP"), unit)
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = bench.compare(prune, str(tiny_model_dir), ids, [0.3], 2)["0.3"]
+    theirs = result["kv_groups_removed_per_layer"]["flap_code"]
+    assert len(theirs) == d.num_hidden_layers
+    # the stand-in's metric grows with the layer: the lowest groups are those of layer 0
+    assert theirs[0] >= 1 and theirs[-1] == 0
+    assert result["channels_removed"]["flap_code"] == 0
+    ours = result["kv_groups_removed"]
+    assert ours["both"] <= min(ours["hgsp"], ours["flap_code"])
+    # the stand-in's variance is the exact one, so feeding it to hgsp changes nothing
+    assert result["with_flap_variance"]["channels_removed"] == result["channels_removed"]
+    assert result["with_flap_variance"]["kv_groups_removed"] == ours
+
+
+def test_the_ratio_is_the_budget_in_flaps_unit_weights(bench):
+    from hgsp.adapters import adapter_for
+
+    adapter = adapter_for(tiny_model("llama").config)
+    d = adapter.dims()
+    channel = adapter.mlp_channel_cost()
+    budget = 3 * channel * 10
+    total_weights = d.num_layers * (d.num_kv_heads * 512 / 3 + d.intermediate)
+    assert bench.flap_ratio(adapter, budget) == pytest.approx(30 / total_weights)
+
+
+def test_a_clone_without_the_code_or_the_line_is_refused(bench, tmp_path, capsys):
+    assert bench.main(["--flap_dir", str(tmp_path)]) == 2
+    assert "has no lib/prune.py" in capsys.readouterr().err
+    other = standin(tmp_path / "other", prune=PRUNE.replace("-1, 128)", "-1, 64)"))
+    assert bench.main(["--flap_dir", other]) == 2
+    assert "does not contain 'reshape(len(layers), -1, 128)' once" in capsys.readouterr().err
