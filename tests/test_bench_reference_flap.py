@@ -37,6 +37,19 @@ def prune_flap(args, model, tokenizer, device=None):
         compress(layer, attn_metric[i] > cut, None, None, None, device)
         keep = torch.ones(layer.mlp.down_proj.in_features, dtype=torch.bool)
         compress(layer, None, keep, None, None, device)
+
+
+def prune_wanda_sp(args, model, tokenizer, device=None):
+    get_loaders("c4", nsamples=128, seed=args.seed, seqlen=model.seqlen, tokenizer=tokenizer)
+    for layer in model.model.layers:
+        W_metric = layer.self_attn.o_proj.weight.abs()
+        heads = W_metric.mean(axis=0).reshape(-1, 128).sum(dim=1)
+        cut = torch.sort(heads.cuda())[0][int(args.pruning_ratio * layer.self_attn.num_heads)]
+        compress(layer, heads >= cut, None, None, None, device, bias=False)
+        assert (layer.self_attn.o_proj.weight == 0).any()  # the removed group is gone
+        channels = layer.mlp.down_proj.weight.abs().mean(axis=0)
+        cut = torch.sort(channels.cuda())[0][int(channels.numel() * args.pruning_ratio)]
+        compress(layer, None, channels >= cut, None, None, device, bias=False)
 '''
 
 LAYERWRAPPER = '''
@@ -75,7 +88,7 @@ def test_masks_come_per_kv_group_and_are_compared(bench, tiny_model_dir, tmp_pat
     unit = d.num_attention_heads // d.num_key_value_heads * d.head_dim
     prune = bench.import_prune(standin(tmp_path / "FLAP"), unit)
     ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
-    result = bench.compare(prune, str(tiny_model_dir), ids, [0.3], 2)["0.3"]
+    result = bench.compare(prune, str(tiny_model_dir), ids, [0.3], 2)["flap"]["0.3"]
     theirs = result["kv_groups_removed_per_layer"]["flap_code"]
     assert len(theirs) == d.num_hidden_layers
     # the stand-in's metric grows with the layer: the lowest groups are those of layer 0
@@ -86,6 +99,20 @@ def test_masks_come_per_kv_group_and_are_compared(bench, tiny_model_dir, tmp_pat
     # the stand-in's variance is the exact one, so feeding it to hgsp changes nothing
     assert result["with_flap_variance"]["channels_removed"] == result["channels_removed"]
     assert result["with_flap_variance"]["kv_groups_removed"] == ours
+
+
+def test_wanda_sp_runs_at_one_ratio_and_hgsp_at_its_budget(bench, tiny_model_dir, tmp_path):
+    d = tiny_model("llama").config
+    unit = d.num_attention_heads // d.num_key_value_heads * d.head_dim
+    prune = bench.import_prune(standin(tmp_path / "FLAP"), unit)
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = bench.compare(prune, str(tiny_model_dir), ids, [], 2, [0.5])["wanda_sp"]["0.5"]
+    layers = d.num_hidden_layers
+    heads, channels = int(0.5 * d.num_key_value_heads), int(0.5 * d.intermediate_size)
+    for who in ("hgsp", "flap_code"):  # the single ratio's counts, in every layer, for both
+        assert result["kv_groups_removed_per_layer"][who] == [heads] * layers
+        assert result["channels_removed_per_layer"][who] == [channels] * layers
+    assert result["channels_removed"]["both"] <= layers * channels
 
 
 def test_the_ratio_is_the_budget_in_flaps_unit_weights(bench):
@@ -102,6 +129,6 @@ def test_the_ratio_is_the_budget_in_flaps_unit_weights(bench):
 def test_a_clone_without_the_code_or_the_line_is_refused(bench, tmp_path, capsys):
     assert bench.main(["--flap_dir", str(tmp_path)]) == 2
     assert "has no lib/prune.py" in capsys.readouterr().err
-    other = standin(tmp_path / "other", prune=PRUNE.replace("-1, 128)", "-1, 64)"))
+    other = standin(tmp_path / "other", prune=PRUNE.replace("(len(layers), -1, 128)", "(-1, 64)"))
     assert bench.main(["--flap_dir", other]) == 2
     assert "does not contain 'reshape(len(layers), -1, 128)' once" in capsys.readouterr().err
