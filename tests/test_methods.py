@@ -324,3 +324,21 @@ def test_auto_importance_norm_prunes_as_the_resolved_norm(ratio, norm, tiny_mode
     # the other normalization scores the groups differently, so the match is no coincidence
     assert (tmp_path / "other" / "hgsp" / "analysis" / "global_group_table.csv").read_text() \
         != scores["auto"]
+
+
+def test_flap_says_when_it_drops_the_constant_of_an_emptied_block(caplog):
+    from hgsp.methods import Measurements
+    from hgsp.pipeline import build_pruned
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    measured = Measurements(stats=collect_activation_stats(model, adapter, ids, 2))
+    emptied = make_plan("llama", {1: ([0, 1], [2]), 3: ([0], list(range(24)))})
+    narrowed = make_plan("llama", {1: ([0], [2])})
+    flap = PruneConfig(base_model="-", output_name="-", method="flap")
+    with caplog.at_level("WARNING", logger="hgsp"):
+        build_pruned(model, adapter, narrowed, flap, measured)
+        assert "FLAP removed every unit" not in caplog.text
+        build_pruned(model, adapter, emptied, flap, measured)
+    assert "FLAP removed every unit of 2 block(s) (1.attn, 3.mlp)" in caplog.text

@@ -124,7 +124,20 @@ def build_pruned(model, adapter: Adapter, plan: PruningPlan, cfg: PruneConfig,
     elif uses_compensation(cfg):
         biases = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
                                      measured.stats.mean("mlp"))
+        if cfg.method == "flap":
+            _warn_emptied(plan)
     return apply_plan(model, adapter, plan, biases, weights)
+
+
+def _warn_emptied(plan: PruningPlan) -> None:
+    """FLAP's code keeps an emptied block's compensation as a constant bias; a pruned model
+    here has no place for a bias without a block, so the block goes without it."""
+    emptied = [f"{lp.index}.{kind}" for lp in plan.layers
+               for kind, gone in (("attn", lp.attn_removed), ("mlp", lp.mlp_removed)) if gone]
+    if emptied:
+        log.warning("FLAP removed every unit of %d block(s) (%s): they are dropped without the "
+                    "constant bias FLAP's code keeps in their place (README, \"Baseline "
+                    "methods\")", len(emptied), ", ".join(emptied))
 
 
 def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig, budget: int,
