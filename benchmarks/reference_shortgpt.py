@@ -10,12 +10,15 @@ the model itself instead of ``eval_importance``, which would re-tokenize decoded
 its inputs to ``"cuda"``. Each ``--dtypes`` entry is one run (``float32`` casts the model after
 loading). hgsp's Block Influence is measured on the same windows by the code ``hgsp prune``
 uses, and for every ``--ratios`` entry the layers hgsp removes are compared with ShortGPT's
-lowest-scoring layers of the same count.
+lowest-scoring layers of the same count. With ``--evaluate`` every distinct choice is pruned
+(whole layers removed, nothing else) and scored on WikiText-2 and PTB at 128 tokens
+(``--ppl_max_windows``, 0: the full test sets; needs the evaluation text, ``HGSP_DATA_DIR``).
 
     git clone https://github.com/icip-cas/ShortGPT /path/ShortGPT
     python benchmarks/reference_shortgpt.py --shortgpt_dir /path/ShortGPT/shortgpt \\
         [--model PATH] [--calibration benchmarks/results/calibration/calibration.pt] \\
-        [--dtypes float32,float16] [--ratios 0.2,0.5] [--out FILE]
+        [--dtypes float32,float16] [--ratios 0.2,0.5] [--evaluate [--ppl_max_windows 0]] \\
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ def parse_args(argv=None):
                    help="one reference run per dtype (the authors' code loads float16)")
     p.add_argument("--ratios", default="0.2,0.5")
     p.add_argument("--batch_size", type=int, default=4, help="hgsp's measurement only")
+    p.add_argument("--evaluate", action="store_true",
+                   help="prune each distinct choice and measure its perplexity")
+    p.add_argument("--ppl_max_windows", type=int, default=0,
+                   help="128-token windows per test set with --evaluate (0: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reference_shortgpt.json"))
     return p.parse_args(argv)
 
@@ -102,6 +109,39 @@ def lowest_layers(scores, count: int) -> list[int]:
     return sorted(int(i) for i in np.argsort(np.array(scores))[:count])
 
 
+def removal_perplexity(model_dir: str, removed: list[int], max_windows: int) -> dict:
+    """WikiText-2 and PTB perplexity at 128 tokens of the model without the layers ``removed``."""
+    import torch
+
+    from hgsp.adapters import adapter_for
+    from hgsp.modelio import load_model
+    from hgsp.perplexity import perplexity
+    from hgsp.plan import uniform_plan
+    from hgsp.surgery import apply_plan
+
+    loaded = load_model(model_dir, dtype=torch.float32)
+    adapter = adapter_for(loaded.model.config)
+    d = adapter.dims()
+    plan = uniform_plan(adapter.model_type, d.num_layers, d.num_kv_heads, d.intermediate)
+    for index in removed:
+        plan.layers[index].kept_kv_heads, plan.layers[index].kept_channels = [], []
+    pruned = apply_plan(loaded.model, adapter, plan)
+    return {ds: round(perplexity(pruned, loaded.tokenizer, ds, 128, max_windows or None)["ppl"], 2)
+            for ds in ("wikitext2", "ptb")}
+
+
+def evaluate_choices(result: dict, model_dir: str, max_windows: int) -> list[dict]:
+    """Perplexity of every distinct set of removed layers in ``result`` (each scored once)."""
+    choices = [result["hgsp"]["removed"]] + [run["removed"]
+                                             for run in result["shortgpt_code"].values()]
+    scored: dict[tuple, dict] = {}
+    for by_ratio in choices:
+        for removed in by_ratio.values():
+            if tuple(removed) not in scored:
+                scored[tuple(removed)] = removal_perplexity(model_dir, removed, max_windows)
+    return [{"removed": list(k), "ppl_max_windows": max_windows, **v} for k, v in scored.items()]
+
+
 def compare(shortgpt_class, model_dir: str, ids, dtypes: list[str], ratios: list[float],
             batch_size: int) -> dict:
     from hgsp.methods import shortgpt_layers
@@ -146,6 +186,8 @@ def main(argv=None) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     result = compare(shortgpt_class, model_dir, ids, args.dtypes.split(","), ratios,
                      args.batch_size)
+    if args.evaluate:
+        result["perplexity"] = evaluate_choices(result, model_dir, args.ppl_max_windows)
     calibration = Path(args.calibration).resolve()
     if calibration.is_relative_to(ROOT):  # the committed windows: a path that holds anywhere
         calibration = calibration.relative_to(ROOT)
@@ -156,6 +198,8 @@ def main(argv=None) -> int:
         for dtype, run in result["shortgpt_code"].items():
             print(f"  ShortGPT's code in {dtype}: {run['removed'][str(r)]} "
                   f"({'same' if run['same_as_hgsp'][str(r)] else 'different'})")
+    for row in result.get("perplexity", []):
+        print(f"without layers {row['removed']}: WikiText-2 {row['wikitext2']}, PTB {row['ptb']}")
     atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(result, indent=1) + "\n"))
     return 0
 

@@ -70,3 +70,24 @@ def test_a_folder_without_the_code_is_refused(bench, tmp_path, capsys):
     assert bench.main(["--shortgpt_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "has no shortgpt.py" in err and "icip-cas/ShortGPT" in err
+
+
+def test_each_distinct_choice_is_scored_once(bench, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "removal_perplexity",
+                        lambda model, removed, windows: calls.append(removed) or
+                        {"wikitext2": float(len(removed)), "ptb": 1.0})
+    result = {"hgsp": {"removed": {"0.2": [1], "0.5": [1, 2]}},
+              "shortgpt_code": {"float32": {"removed": {"0.2": [1], "0.5": [1, 2]}},
+                                "float16": {"removed": {"0.2": [3], "0.5": [1, 2]}}}}
+    rows = bench.evaluate_choices(result, "model", 8)
+    assert calls == [[1], [1, 2], [3]]
+    assert [r["removed"] for r in rows] == calls and rows[1]["wikitext2"] == 2.0
+
+
+def test_removing_a_layer_changes_the_perplexity(bench, tiny_model_dir, data_dir, monkeypatch):
+    monkeypatch.setenv("HGSP_DATA_DIR", str(data_dir))
+    whole = bench.removal_perplexity(str(tiny_model_dir), [], 4)
+    without = bench.removal_perplexity(str(tiny_model_dir), [1], 4)
+    assert set(whole) == {"wikitext2", "ptb"}
+    assert all(v > 1 for v in whole.values()) and without != whole
