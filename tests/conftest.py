@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _private_cache(tmp_path, monkeypatch):
     """Every test gets an empty result cache: tests must not see each other's entries."""
     monkeypatch.setenv("HGSP_CACHE_DIR", str(tmp_path / "hgsp-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _package_logger():
+    """The CLI gives the ``hgsp`` logger its own stderr handler and stops propagation (also in
+    module-scoped fixtures, before any test's own fixtures run); each test starts and ends with
+    the logger as the library leaves it, so ``caplog`` sees the package's records and no
+    handler writes to an earlier test's closed stderr."""
+    def reset():
+        pkg = logging.getLogger("hgsp")
+        pkg.handlers[:] = []
+        pkg.setLevel(logging.NOTSET)
+        pkg.propagate = True
+
+    reset()
+    yield
+    reset()
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
