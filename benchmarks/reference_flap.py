@@ -2,10 +2,11 @@
 """Run FLAP's own selection code (FLAP and its Wanda-sp) on the benchmark's calibration windows
 and compare the units it removes with ``hgsp prune --method flap`` / ``--method wanda_sp``.
 
-The authors' code (https://github.com/CASIA-IVA-Lab/FLAP) is not part of this project: clone
-it and pass the clone. This script runs ``prune_flap`` (the paper's setting: WIFV metric, AL-AM
-structure) and ``prune_wanda_sp`` of its ``lib/prune.py`` as they are, except where they cannot
-run on a GQA model, on transformers 5 or without a GPU, each change made here at run time:
+The authors' code (https://github.com/CASIA-IVA-Lab/FLAP; checked with commit 9bbad71) is not
+part of this project: clone it and pass the clone. This script runs ``prune_flap`` (the paper's setting: WIFV metric, AL-AM
+structure) and ``prune_wanda_sp`` of its ``lib/prune.py`` as they are, with these changes made
+at run time, so that they run on a GQA model, on transformers 5 and without a GPU, on the same
+windows as hgsp:
 
 - the width of an attention unit: its code reshapes the o_proj input features into heads of
   128 (LLaMA-7B); here it is one KV group, ``query heads per KV head × head_dim`` features
@@ -18,7 +19,8 @@ run on a GQA model, on transformers 5 or without a GPU, each change made here at
   down_proj input columns they remove (its code slices q/k/v with one mask, multi-head attention
   only); Wanda-sp's later layers then see the pruned layers' output, as in its code;
 - each decoder layer computes its rotary embeddings from ``position_ids`` when called without
-  them, as its per-layer loop calls layers of the transformers of its time;
+  them and returns a tuple, as its per-layer loop calls layers of the transformers of its time,
+  and the model gets the ``seqlen`` attribute its code reads;
 - ``Tensor.cuda()`` returns the tensor itself while its code runs.
 
 FLAP's pruning ratio is a share of the prunable units weighted as its code weighs them (a head
@@ -30,7 +32,7 @@ removes (on the demo model no single r gives the benchmark's 20% or 50% rows, RE
     git clone https://github.com/CASIA-IVA-Lab/FLAP /path/FLAP
     python benchmarks/reference_flap.py --flap_dir /path/FLAP [--model PATH] \\
         [--calibration benchmarks/results/calibration/calibration.pt] [--ratios 0.2,0.5] \\
-        [--wanda_sp_ratios 0.35] [--out FILE]
+        [--wanda_sp_ratios 0.35] [--batch_size 4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -324,6 +326,7 @@ def compare(prune, model_dir: str, ids, ratios: list[float], batch_size: int,
 
 def main(argv=None) -> int:
     import torch
+    import transformers
 
     from hgsp.assets import asset_paths
     from hgsp.atomic import atomic_write
@@ -349,7 +352,7 @@ def main(argv=None) -> int:
     if calibration.is_relative_to(ROOT):  # the committed windows: a path that holds anywhere
         calibration = calibration.relative_to(ROOT)
     result = {"model": model_dir, "calibration": str(calibration), "windows": list(ids.shape),
-              "torch": torch.__version__, **result}
+              "torch": torch.__version__, "transformers": transformers.__version__, **result}
     for method, by_ratio in (("FLAP", result["flap"]), ("Wanda-sp", result["wanda_sp"])):
         for r, res in by_ratio.items():
             for kind in ("kv_groups_removed", "channels_removed"):

@@ -2,23 +2,25 @@
 """Run ShortGPT's own code on the benchmark's calibration windows and compare its choice with
 ``hgsp prune --method shortgpt``.
 
-The authors' code (https://github.com/icip-cas/ShortGPT, folder ``shortgpt/``) is not part of
-this project: clone it and pass that folder. This script imports its ``ShortGPT`` class, which
+The authors' code (https://github.com/icip-cas/ShortGPT, folder ``shortgpt/``; checked with
+commit 9a2ee8d) is not part of this project: clone it and pass that folder. This script imports its ``ShortGPT`` class, which
 loads the model as the authors do (``device_map="auto"``, float16), and feeds every calibration
 window through the class's own ``compute_bi`` (batch 1, as its ``run_shortgpt.py``); it calls
 the model itself instead of ``eval_importance``, which would re-tokenize decoded text and sends
 its inputs to ``"cuda"``. Each ``--dtypes`` entry is one run (``float32`` casts the model after
 loading). hgsp's Block Influence is measured on the same windows by the code ``hgsp prune``
 uses, and for every ``--ratios`` entry the layers hgsp removes are compared with ShortGPT's
-lowest-scoring layers of the same count. With ``--evaluate`` every distinct choice is pruned
+lowest-scoring layers of the same count. The result also records, per layer, the share of
+tokens whose input and output hidden-state norms multiply past float16's largest value (in
+float32): where the authors' cosine overflows in float16. With ``--evaluate`` every distinct choice is pruned
 (whole layers removed, nothing else) and scored on WikiText-2 and PTB at 128 tokens
 (``--ppl_max_windows``, 0: the full test sets; needs the evaluation text, ``HGSP_DATA_DIR``).
 
     git clone https://github.com/icip-cas/ShortGPT /path/ShortGPT
     python benchmarks/reference_shortgpt.py --shortgpt_dir /path/ShortGPT/shortgpt \\
         [--model PATH] [--calibration benchmarks/results/calibration/calibration.pt] \\
-        [--dtypes float32,float16] [--ratios 0.2,0.5] [--evaluate [--ppl_max_windows 0]] \\
-        [--out FILE]
+        [--dtypes float32,float16] [--ratios 0.2,0.5] [--batch_size 4] \\
+        [--evaluate [--ppl_max_windows 0]] [--out FILE]
 """
 
 from __future__ import annotations
@@ -102,6 +104,25 @@ def hgsp_scores(model_dir: str, ids, batch_size: int):
     return bi, layer_params, total
 
 
+def float16_overflow(model_dir: str, ids, batch_size: int) -> list[float]:
+    """Per layer, the share of tokens whose input and output hidden-state norms (in float32)
+    multiply past float16's largest value: there the product in the authors' cosine is inf."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    limit = torch.finfo(torch.float16).max
+    counts = 0
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            hidden = model(input_ids=ids[start:start + batch_size],
+                           output_hidden_states=True).hidden_states
+            norms = [h.norm(dim=-1) for h in hidden]
+            counts = counts + torch.stack([(norms[i] * norms[i + 1] > limit).sum()
+                                           for i in range(len(norms) - 1)])
+    return [round(c / ids.numel(), 4) for c in counts.tolist()]
+
+
 def lowest_layers(scores, count: int) -> list[int]:
     """The ``count`` lowest-scoring layers, as the authors' ``remove_layers`` picks them."""
     import numpy as np
@@ -162,7 +183,8 @@ def compare(shortgpt_class, model_dir: str, ids, dtypes: list[str], ratios: list
         }
         runs[dtype]["same_as_hgsp"] = {str(r): runs[dtype]["removed"][str(r)] == hgsp_removed[r]
                                        for r in ratios}
-    return {"hgsp": {"block_influence": [round(v, 6) for v in bi.tolist()],
+    return {"float16_norm_product_overflow": float16_overflow(model_dir, ids, batch_size),
+            "hgsp": {"block_influence": [round(v, 6) for v in bi.tolist()],
                      "order": sorted(range(bi.numel()), key=lambda i: bi[i].item()),
                      "removed": {str(r): hgsp_removed[r] for r in ratios}},
             "shortgpt_code": runs}
@@ -170,6 +192,7 @@ def compare(shortgpt_class, model_dir: str, ids, dtypes: list[str], ratios: list
 
 def main(argv=None) -> int:
     import torch
+    import transformers
 
     from hgsp.assets import asset_paths
     from hgsp.atomic import atomic_write
@@ -192,7 +215,7 @@ def main(argv=None) -> int:
     if calibration.is_relative_to(ROOT):  # the committed windows: a path that holds anywhere
         calibration = calibration.relative_to(ROOT)
     result = {"model": model_dir, "calibration": str(calibration), "windows": list(ids.shape),
-              "torch": torch.__version__, **result}
+              "torch": torch.__version__, "transformers": transformers.__version__, **result}
     for r in ratios:
         print(f"ratio {r}: hgsp removes {result['hgsp']['removed'][str(r)]}")
         for dtype, run in result["shortgpt_code"].items():

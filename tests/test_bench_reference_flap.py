@@ -95,10 +95,31 @@ def test_masks_come_per_kv_group_and_are_compared(bench, tiny_model_dir, tmp_pat
     assert theirs[0] >= 1 and theirs[-1] == 0
     assert result["channels_removed"]["flap_code"] == 0
     ours = result["kv_groups_removed"]
-    assert ours["both"] <= min(ours["hgsp"], ours["flap_code"])
+    assert ours["flap_code"] == sum(theirs) and ours["hgsp"] >= 1
     # the stand-in's variance is the exact one, so feeding it to hgsp changes nothing
     assert result["with_flap_variance"]["channels_removed"] == result["channels_removed"]
     assert result["with_flap_variance"]["kv_groups_removed"] == ours
+
+
+def test_the_same_units_count_as_both_and_others_do_not(bench):
+    from conftest import make_plan
+
+    from hgsp.adapters import adapter_for
+
+    d = adapter_for(tiny_model("llama").config).dims()
+    plan = make_plan("llama", {1: ([0], [2, 5]), 3: ([], [7])})
+    groups, channels = bench.removed_units(plan, d)
+    keep_attn = [[True] * d.num_kv_heads for _ in range(d.num_layers)]
+    keep_mlp = [[True] * d.intermediate for _ in range(d.num_layers)]
+    keep_attn[1][0] = keep_mlp[1][2] = keep_mlp[1][5] = keep_mlp[3][7] = False
+    same = bench.removed_by_masks(keep_attn, keep_mlp)
+    assert bench.overlap(groups, same[0]) == {"hgsp": 1, "flap_code": 1, "both": 1,
+                                              "jaccard": 1.0}
+    assert bench.overlap(channels, same[1])["both"] == 3
+    keep_mlp[3][7], keep_mlp[2][7] = True, False  # the same channel in another layer
+    other = bench.removed_by_masks(keep_attn, keep_mlp)
+    assert bench.overlap(channels, other[1]) == {"hgsp": 3, "flap_code": 3, "both": 2,
+                                                 "jaccard": 0.5}
 
 
 def test_wanda_sp_runs_at_one_ratio_and_hgsp_at_its_budget(bench, tiny_model_dir, tmp_path):
@@ -112,7 +133,7 @@ def test_wanda_sp_runs_at_one_ratio_and_hgsp_at_its_budget(bench, tiny_model_dir
     for who in ("hgsp", "flap_code"):  # the single ratio's counts, in every layer, for both
         assert result["kv_groups_removed_per_layer"][who] == [heads] * layers
         assert result["channels_removed_per_layer"][who] == [channels] * layers
-    assert result["channels_removed"]["both"] <= layers * channels
+    assert result["hgsp_pruning_ratio"] == pytest.approx(result["budget"] / 27936, abs=1e-6)
 
 
 def test_the_ratio_is_the_budget_in_flaps_unit_weights(bench):

@@ -6,7 +6,7 @@ class in ``shortgpt.py`` that imports ``metrics``) is written for each test.
 
 import pytest
 import torch
-from conftest import VOCAB, load_script
+from conftest import VOCAB, load_script, tiny_model
 
 STANDIN = '''
 import torch
@@ -56,6 +56,7 @@ def test_the_same_metric_removes_the_same_layers(bench, tiny_model_dir, tmp_path
     run = result["shortgpt_code"]["float32"]
     assert run["same_as_hgsp"] == {"0.2": True, "0.5": True}
     assert len(result["hgsp"]["removed"]["0.5"]) > len(result["hgsp"]["removed"]["0.2"]) >= 1
+    assert result["float16_norm_product_overflow"] == [0.0] * 4  # small hidden states
     # the last layer's output is normed in hidden_states: hgsp scores it the same way
     assert run["block_influence"] == pytest.approx(result["hgsp"]["block_influence"], abs=1e-4)
 
@@ -91,3 +92,13 @@ def test_removing_a_layer_changes_the_perplexity(bench, tiny_model_dir, data_dir
     without = bench.removal_perplexity(str(tiny_model_dir), [1], 4)
     assert set(whole) == {"wikitext2", "ptb"}
     assert all(v > 1 for v in whole.values()) and without != whole
+
+
+def test_float16_overflow_is_counted_per_layer(bench, tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e4)  # hidden states of norm ~1e4 everywhere
+        model.model.norm.weight.mul_(1e3)  # and after the final norm
+    model.save_pretrained(tmp_path / "big")
+    shares = bench.float16_overflow(str(tmp_path / "big"), windows(), 2)
+    assert len(shares) == 4 and all(s == 1.0 for s in shares)
