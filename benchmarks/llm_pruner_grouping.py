@@ -22,14 +22,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # exported_windows
 
 
 def parse_args(argv=None):
+    import exported_windows
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="model folder (default: the demo model)")
-    p.add_argument("--calibration",
-                   default=str(ROOT / "benchmarks" / "results" / "calibration" / "calibration.pt"),
-                   help="token windows written by export_calibration.py")
+    exported_windows.add_arguments(p)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_pruner_grouping.json"))
     return p.parse_args(argv)
@@ -83,18 +83,15 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hgsp.assets import asset_paths
+    import exported_windows
+
     from hgsp.atomic import atomic_write
 
     args = parse_args(argv)
-    model_dir = args.model or str(asset_paths()["model"])
-    ids = torch.load(args.calibration, weights_only=True)["calibration"]
+    model_dir = exported_windows.model_dir(args)
+    ids, header = exported_windows.load_windows(args, model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    calibration = Path(args.calibration).resolve()
-    if calibration.is_relative_to(ROOT):  # the committed windows: a path that holds anywhere
-        calibration = calibration.relative_to(ROOT)
-    result = {"model": model_dir, "calibration": str(calibration), "windows": list(ids.shape),
-              **compare(model, ids, args.batch_size)}
+    result = {**header, **compare(model, ids, args.batch_size)}
     n_layers = result["layers"][1] - result["layers"][0] + 1
     for n, where in result["differ"].items():
         print(f"{n} lowest KV group(s) differ in {len(where)} of {n_layers} layers: {where}")

@@ -47,6 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # exported_windows
 
 HEAD_RESHAPE = "reshape(len(layers), -1, 128)"  # prune_flap's head scores
 WANDA_RESHAPE = "W_metric.mean(axis=0).reshape(-1, 128)"  # prune_wanda_sp's head scores
@@ -55,12 +56,11 @@ HEAD_WEIGHT = 512.0 / 3
 
 
 def parse_args(argv=None):
+    import exported_windows
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--flap_dir", required=True, help="a clone of CASIA-IVA-Lab/FLAP")
-    p.add_argument("--model", default=None, help="model folder (default: the demo model)")
-    p.add_argument("--calibration",
-                   default=str(ROOT / "benchmarks" / "results" / "calibration" / "calibration.pt"),
-                   help="token windows written by export_calibration.py")
+    exported_windows.add_arguments(p)
     p.add_argument("--ratios", default="0.2,0.5", help="FLAP: shares of the parameters")
     p.add_argument("--wanda_sp_ratios", default="0.35",
                    help="Wanda-sp: single ratios of its code (0.35: 1 of 3 KV groups and 537 "
@@ -247,6 +247,12 @@ def overlap(ours: set, theirs: set) -> dict:
             "jaccard": round(both / max(len(ours | theirs), 1), 4)}
 
 
+def overlaps(ours: tuple[set, set], theirs: tuple[set, set]) -> dict:
+    """:func:`overlap` of the KV groups and of the channels."""
+    return {"kv_groups_removed": overlap(ours[0], theirs[0]),
+            "channels_removed": overlap(ours[1], theirs[1])}
+
+
 def per_layer_removed(plan, attn_keep, mlp_keep, d) -> dict:
     return {"kv_groups_removed_per_layer": {
                 "hgsp": [d.num_kv_heads - len(lp.kept_kv_heads) for lp in plan.layers],
@@ -271,16 +277,14 @@ def compare_flap(prune, model, adapter, model_dir: str, ids, ratios, batch_size:
     for r in ratios:
         plan, budget = hgsp_plan(model, adapter, ids, r, batch_size, stats)
         same_variance, _ = hgsp_plan(model, adapter, ids, r, batch_size, their_variance)
-        attn_keep, mlp_keep = reference_masks(prune, model_dir, ids, flap_ratio(adapter, budget))
+        ratio = flap_ratio(adapter, budget)
+        attn_keep, mlp_keep = reference_masks(prune, model_dir, ids, ratio)
         theirs = removed_by_masks(attn_keep, mlp_keep)
-        ours, ours_same = removed_units(plan, d), removed_units(same_variance, d)
         result[str(r)] = {
-            "budget": budget, "flap_pruning_ratio": round(flap_ratio(adapter, budget), 6),
-            "kv_groups_removed": overlap(ours[0], theirs[0]),
-            "channels_removed": overlap(ours[1], theirs[1]),
+            "budget": budget, "flap_pruning_ratio": round(ratio, 6),
+            **overlaps(removed_units(plan, d), theirs),
             # hgsp's selection fed FLAP's own variance estimate: what remains is the cut
-            "with_flap_variance": {"kv_groups_removed": overlap(ours_same[0], theirs[0]),
-                                   "channels_removed": overlap(ours_same[1], theirs[1])},
+            "with_flap_variance": overlaps(removed_units(same_variance, d), theirs),
             **per_layer_removed(plan, attn_keep, mlp_keep, d),
         }
     return result
@@ -300,11 +304,9 @@ def compare_wanda_sp(prune, model, adapter, model_dir: str, ids, ratios, batch_s
         plan, _ = hgsp_plan(model, adapter, ids, budget / total, batch_size, None,
                             method="wanda_sp", budget=budget)
         attn_keep, mlp_keep = reference_masks(prune, model_dir, ids, r, method="wanda_sp")
-        ours, theirs = removed_units(plan, d), removed_by_masks(attn_keep, mlp_keep)
         result[str(r)] = {
             "budget": budget, "hgsp_pruning_ratio": round(budget / total, 6),
-            "kv_groups_removed": overlap(ours[0], theirs[0]),
-            "channels_removed": overlap(ours[1], theirs[1]),
+            **overlaps(removed_units(plan, d), removed_by_masks(attn_keep, mlp_keep)),
             **per_layer_removed(plan, attn_keep, mlp_keep, d),
         }
     return result
@@ -328,12 +330,13 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from hgsp.assets import asset_paths
+    import exported_windows
+
     from hgsp.atomic import atomic_write
     from hgsp.errors import UserError
 
     args = parse_args(argv)
-    model_dir = args.model or str(asset_paths()["model"])
+    model_dir = exported_windows.model_dir(args)
     try:
         from transformers import AutoConfig
 
@@ -344,15 +347,12 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ids = torch.load(args.calibration, weights_only=True)["calibration"]
+    ids, header = exported_windows.load_windows(args, model_dir)
     ratios = [float(r) for r in args.ratios.split(",")]
     wanda_sp_ratios = [float(r) for r in args.wanda_sp_ratios.split(",") if r]
     result = compare(prune, model_dir, ids, ratios, args.batch_size, wanda_sp_ratios)
-    calibration = Path(args.calibration).resolve()
-    if calibration.is_relative_to(ROOT):  # the committed windows: a path that holds anywhere
-        calibration = calibration.relative_to(ROOT)
-    result = {"model": model_dir, "calibration": str(calibration), "windows": list(ids.shape),
-              "torch": torch.__version__, "transformers": transformers.__version__, **result}
+    result = {**header, "torch": torch.__version__, "transformers": transformers.__version__,
+              **result}
     for method, by_ratio in (("FLAP", result["flap"]), ("Wanda-sp", result["wanda_sp"])):
         for r, res in by_ratio.items():
             for kind in ("kv_groups_removed", "channels_removed"):

@@ -32,16 +32,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # exported_windows
 
 
 def parse_args(argv=None):
+    import exported_windows
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shortgpt_dir", required=True,
                    help="the shortgpt/ folder of a clone of icip-cas/ShortGPT")
-    p.add_argument("--model", default=None, help="model folder (default: the demo model)")
-    p.add_argument("--calibration",
-                   default=str(ROOT / "benchmarks" / "results" / "calibration" / "calibration.pt"),
-                   help="token windows written by export_calibration.py")
+    exported_windows.add_arguments(p)
     p.add_argument("--dtypes", default="float32,float16",
                    help="one reference run per dtype (the authors' code loads float16)")
     p.add_argument("--ratios", default="0.2,0.5")
@@ -194,7 +194,8 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from hgsp.assets import asset_paths
+    import exported_windows
+
     from hgsp.atomic import atomic_write
     from hgsp.errors import UserError
 
@@ -204,18 +205,15 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    model_dir = args.model or str(asset_paths()["model"])
-    ids = torch.load(args.calibration, weights_only=True)["calibration"]
+    model_dir = exported_windows.model_dir(args)
+    ids, header = exported_windows.load_windows(args, model_dir)
     ratios = [float(r) for r in args.ratios.split(",")]
     result = compare(shortgpt_class, model_dir, ids, args.dtypes.split(","), ratios,
                      args.batch_size)
     if args.evaluate:
         result["perplexity"] = evaluate_choices(result, model_dir, args.ppl_max_windows)
-    calibration = Path(args.calibration).resolve()
-    if calibration.is_relative_to(ROOT):  # the committed windows: a path that holds anywhere
-        calibration = calibration.relative_to(ROOT)
-    result = {"model": model_dir, "calibration": str(calibration), "windows": list(ids.shape),
-              "torch": torch.__version__, "transformers": transformers.__version__, **result}
+    result = {**header, "torch": torch.__version__, "transformers": transformers.__version__,
+              **result}
     for r in ratios:
         print(f"ratio {r}: hgsp removes {result['hgsp']['removed'][str(r)]}")
         for dtype, run in result["shortgpt_code"].items():
