@@ -326,19 +326,81 @@ def test_auto_importance_norm_prunes_as_the_resolved_norm(ratio, norm, tiny_mode
         != scores["auto"]
 
 
-def test_flap_says_when_it_drops_the_constant_of_an_emptied_block(caplog):
-    from hgsp.methods import Measurements
-    from hgsp.pipeline import build_pruned
+def test_emptied_block_constant_is_its_output_on_the_calibration_mean(arch, tmp_path):
+    """With ``emptied``, a block that loses every unit becomes a constant: the full block's
+    output projection of the calibration mean (its bias included). A layer emptied whole stays
+    as two constants; the saved model loads with the same logits."""
+    model = tiny_model(arch)
+    adapter = adapter_for(model.config)
+    plan = make_plan(arch, {1: ([0, 1], [2]), 2: ([0, 1], list(range(24))),
+                            3: ([0], list(range(24)))})
+    d = adapter.dims()
+    torch.manual_seed(7)
+    attn_mean = torch.randn(4, d.num_heads * d.head_dim)
+    mlp_mean = torch.randn(4, d.intermediate)
+    biases = compensation_biases(model, adapter, plan, attn_mean, mlp_mean, emptied=True)
+    pruned = apply_plan(model, adapter, plan, biases)
+    assert pruned.config.hgsp_source_layers == [0, 1, 2, 3]
+    assert pruned.config.hgsp_num_key_value_heads == [2, 0, 0, 1]
+    assert pruned.config.hgsp_intermediate_sizes == [24, 23, 0, 0]
+    layers, base = pruned.model.layers, model.model.layers
+    x = torch.randn(1, 5, d.hidden)
+    with torch.no_grad():
+        for i in (1, 2):
+            want = base[i].self_attn.o_proj(attn_mean[i])
+            assert type(layers[i].self_attn).__name__ == "ConstantAttention"
+            assert torch.allclose(layers[i].self_attn(x)[0], want.expand(1, 5, -1), atol=1e-5)
+        for i in (2, 3):
+            want = base[i].mlp.down_proj(mlp_mean[i])
+            assert type(layers[i].mlp).__name__ == "ConstantMLP"
+            assert torch.allclose(layers[i].mlp(x), want.expand(1, 5, -1), atol=1e-5)
+    assert_saved_logits_match(pruned, tmp_path / "saved")
+    # without ``emptied`` (H-GSP's compensation) the same plan drops the blocks and layer 2
+    dropped = apply_plan(model, adapter, plan,
+                         compensation_biases(model, adapter, plan, attn_mean, mlp_mean))
+    assert dropped.config.hgsp_source_layers == [0, 1, 3]
+    assert type(dropped.model.layers[1].self_attn).__name__ == "ZeroAttention"
+    assert sum(p.numel() for p in pruned.parameters()) - \
+        sum(p.numel() for p in dropped.parameters()) == 4 * d.hidden
+
+
+def test_flap_keeps_emptied_blocks_as_constants_and_counts_them(caplog):
+    """``--method flap`` gives emptied blocks their constant (and counts it in the budget);
+    H-GSP with bias compensation drops them."""
+    from hgsp.methods import Measurements, fixed_costs
+    from hgsp.pipeline import bias_overhead, build_pruned
+    from hgsp.scoring import GroupTable
+    from hgsp.selection import selection_from_mask
 
     model = tiny_model("llama")
     adapter = adapter_for(model.config)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
     measured = Measurements(stats=collect_activation_stats(model, adapter, ids, 2))
     emptied = make_plan("llama", {1: ([0, 1], [2]), 3: ([0], list(range(24)))})
-    narrowed = make_plan("llama", {1: ([0], [2])})
     flap = PruneConfig(base_model="-", output_name="-", method="flap")
-    with caplog.at_level("WARNING", logger="hgsp"):
-        build_pruned(model, adapter, narrowed, flap, measured)
-        assert "FLAP removed every unit" not in caplog.text
-        build_pruned(model, adapter, emptied, flap, measured)
+    hgsp = PruneConfig(base_model="-", output_name="-", method="hgsp", refit_outputs=False)
+    with caplog.at_level("INFO", logger="hgsp"):
+        kept = build_pruned(model, adapter, emptied, flap, measured)
     assert "FLAP removed every unit of 2 block(s) (1.attn, 3.mlp)" in caplog.text
+    assert type(kept.model.layers[1].self_attn).__name__ == "ConstantAttention"
+    assert type(kept.model.layers[3].mlp).__name__ == "ConstantMLP"
+    dropped = build_pruned(model, adapter, emptied, hgsp, measured)
+    assert type(dropped.model.layers[1].self_attn).__name__ == "ZeroAttention"
+    assert type(dropped.model.layers[3].mlp).__name__ == "ZeroMLP"
+    # the budget counts one hidden-size vector per emptied block for FLAP only
+    d = adapter.dims()
+    n = d.num_layers
+    kinds = [0] * d.num_kv_heads + [1] * d.intermediate
+    rows = n * len(kinds)
+    table = GroupTable(layer=torch.arange(n).repeat_interleave(len(kinds)),
+                       kind=torch.tensor(kinds * n),
+                       index=torch.cat([torch.arange(d.num_kv_heads),
+                                        torch.arange(d.intermediate)]).repeat(n),
+                       importance=torch.zeros(rows, dtype=torch.float64),
+                       cost=torch.ones(rows, dtype=torch.long),
+                       delta=torch.zeros(rows, dtype=torch.float64),
+                       score=torch.zeros(rows, dtype=torch.float64))
+    mask = (table.layer == 1) & (table.kind == 0)
+    selection = selection_from_mask(table, fixed_costs(adapter), mask)
+    assert bias_overhead(table, selection, adapter, constants=True) == d.hidden
+    assert bias_overhead(table, selection, adapter) == 0

@@ -11,7 +11,8 @@ shrink each layer right after the base class has built it:
 - ``hgsp_source_layers``: the index each layer had in the base model (for reports only);
 - ``hgsp_out_biases`` (optional): per layer, ``[attention, mlp]`` flags; a flagged o_proj or
   down_proj has a bias holding the average contribution of the pruned heads or channels (bias
-  compensation, as in FLAP).
+  compensation, as in FLAP). A flagged block with no heads or channels left is a constant: its
+  removed units' average contribution, which FLAP's code keeps where it empties a block.
 
 Removed whole layers are simply absent (``num_hidden_layers`` counts the kept ones).
 
@@ -51,6 +52,29 @@ class ZeroMLP(nn.Module):
 
     def forward(self, hidden_states):
         return torch.zeros_like(hidden_states)
+
+
+class ConstantAttention(ZeroAttention):
+    """Stands in for an attention block whose every head was removed with bias compensation:
+    it adds the constant ``bias`` (the removed heads' calibration-mean contribution)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.bias.to(hidden_states.dtype).expand_as(hidden_states), None
+
+
+class ConstantMLP(ZeroMLP):
+    """Stands in for an MLP block whose every channel was removed with bias compensation."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, hidden_states):
+        return self.bias.to(hidden_states.dtype).expand_as(hidden_states)
 
 
 def _linear_like(old: nn.Linear, in_features: int, out_features: int,
@@ -102,7 +126,8 @@ def shrink_layers(model: nn.Module, config) -> None:
     for layer, n_kv, width, (attn_bias, mlp_bias) in zip(layers, kv_heads, channels, out_biases):
         if n_kv == 0:
             # Norm and attention go together: the norm only feeds the removed branch.
-            layer.self_attn = ZeroAttention()
+            layer.self_attn = (ConstantAttention(config.hidden_size) if attn_bias
+                               else ZeroAttention())
             layer.input_layernorm = nn.Identity()
         else:
             if n_kv != config.num_key_value_heads:
@@ -112,7 +137,7 @@ def shrink_layers(model: nn.Module, config) -> None:
             layer.self_attn.layer_idx = attn_index
             attn_index += 1
         if width == 0:
-            layer.mlp = ZeroMLP()
+            layer.mlp = ConstantMLP(config.hidden_size) if mlp_bias else ZeroMLP()
             layer.post_attention_layernorm = nn.Identity()
         elif width != config.intermediate_size:
             shrink_mlp(layer.mlp, width)

@@ -101,15 +101,18 @@ def uses_refit(cfg: PruneConfig) -> bool:
     return cfg.method == "hgsp" and cfg.bias_compensation and cfg.refit_outputs
 
 
-def bias_overhead(table: GroupTable, selection: Selection, adapter: Adapter) -> int:
-    """Parameters that bias compensation adds: a bias per narrowed block that had none."""
+def bias_overhead(table: GroupTable, selection: Selection, adapter: Adapter,
+                  constants: bool = False) -> int:
+    """Parameters that bias compensation adds: a bias per narrowed block that had none and,
+    with ``constants`` (FLAP), a constant per emptied block."""
     n_layers = len(selection.attn_removed)
     touched = torch.zeros(n_layers * 2, dtype=torch.bool)
     touched[(table.layer * 2 + table.kind)[selection.selected]] = True
     removed = torch.tensor([selection.attn_removed, selection.mlp_removed]).T.reshape(-1)
     narrowed = (touched & ~removed).view(n_layers, 2)
     has_bias = torch.tensor([adapter.o_bias, adapter.mlp_bias])
-    return adapter.dims().hidden * int((narrowed & ~has_bias).sum())
+    added = int((narrowed & ~has_bias).sum()) + (int(removed.sum()) if constants else 0)
+    return adapter.dims().hidden * added
 
 
 def build_pruned(model, adapter: Adapter, plan: PruningPlan, cfg: PruneConfig,
@@ -122,22 +125,23 @@ def build_pruned(model, adapter: Adapter, plan: PruningPlan, cfg: PruneConfig,
                                         cfg.gradient_batch_size, measured.stats.mean("attn"),
                                         measured.stats.mean("mlp"), cfg.refit_damp)
     elif uses_compensation(cfg):
+        # FLAP's code never drops a block: one it empties keeps its compensation as a
+        # constant. H-GSP removes blocks for good (a constant there measured worse:
+        # benchmarks/README.md).
         biases = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
-                                     measured.stats.mean("mlp"))
+                                     measured.stats.mean("mlp"), emptied=cfg.method == "flap")
         if cfg.method == "flap":
-            _warn_emptied(plan)
+            _log_constants(plan)
     return apply_plan(model, adapter, plan, biases, weights)
 
 
-def _warn_emptied(plan: PruningPlan) -> None:
-    """FLAP's code keeps an emptied block's compensation as a constant bias; a pruned model
-    here has no place for a bias without a block, so the block goes without it."""
+def _log_constants(plan: PruningPlan) -> None:
     emptied = [f"{lp.index}.{kind}" for lp in plan.layers
                for kind, gone in (("attn", lp.attn_removed), ("mlp", lp.mlp_removed)) if gone]
     if emptied:
-        log.warning("FLAP removed every unit of %d block(s) (%s): they are dropped without the "
-                    "constant bias FLAP's code keeps in their place (README, \"Baseline "
-                    "methods\")", len(emptied), ", ".join(emptied))
+        log.info("FLAP removed every unit of %d block(s) (%s): each is kept as a constant, its "
+                 "units' mean contribution, as FLAP's code does", len(emptied),
+                 ", ".join(emptied))
 
 
 def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig, budget: int,
@@ -149,8 +153,8 @@ def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig,
     """
     table, info, selection = choose(cfg.method, measured, adapter, cfg, budget, model)
     if uses_compensation(cfg):
-        table, info, selection = choose(cfg.method, measured, adapter, cfg,
-                                        budget + bias_overhead(table, selection, adapter),
+        overhead = bias_overhead(table, selection, adapter, constants=cfg.method == "flap")
+        table, info, selection = choose(cfg.method, measured, adapter, cfg, budget + overhead,
                                         model)
     return table, info, selection
 
@@ -338,9 +342,12 @@ def _analysis_stage(cfg: PruneConfig, model, adapter: Adapter, cal, dtype):
 
 def _layer_params(model, pruned, adapter, plan) -> list[tuple[int, int]]:
     before = [sum(p.numel() for p in layer.parameters()) for layer in adapter.layers(model)]
-    after_kept = iter(sum(p.numel() for p in layer.parameters())
-                      for layer in adapter.layers(pruned))
-    return [(b, 0 if lp.removed else next(after_kept)) for b, lp in zip(before, plan.layers)]
+    # a pruned model lists its layers' base indices (a FLAP layer of constants is kept too)
+    sources = getattr(pruned.config, "hgsp_source_layers", None) or \
+        [lp.index for lp in plan.kept_layers]
+    after = {source: sum(p.numel() for p in layer.parameters())
+             for source, layer in zip(sources, adapter.layers(pruned))}
+    return [(b, after.get(lp.index, 0)) for b, lp in zip(before, plan.layers)]
 
 
 def _summary(cfg, kind, total, decoder, pruned_total, pruned_decoder, budget, selection, info,

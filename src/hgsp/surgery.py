@@ -37,6 +37,8 @@ _SLICES = {
 }
 # the output projection of each block kind: what bias compensation and the refit change
 _OUT_PROJ = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+# where an emptied block's constant lives (modeling_hgsp.ConstantAttention / ConstantMLP)
+_CONSTANT = {"attn": "self_attn.bias", "mlp": "mlp.bias"}
 _ATTN_ONLY = ("input_layernorm.", "self_attn.")
 _MLP_ONLY = ("post_attention_layernorm.", "mlp.")
 
@@ -47,12 +49,19 @@ def is_uniform(plan: PruningPlan) -> bool:
                and len(lp.kept_channels) == plan.intermediate_size for lp in plan.kept_layers)
 
 
+def built_layers(plan: PruningPlan, out_biases: dict | None = None) -> list[LayerPlan]:
+    """The base layers the pruned model has: the plan's kept layers, and a layer whose two
+    blocks were emptied but left a constant each (FLAP's bias compensation)."""
+    biases = out_biases or {}
+    return [lp for lp in plan.layers if not lp.removed or biases.get(lp.index)]
+
+
 def pruned_config(base_config, plan: PruningPlan, out_biases: dict | None = None):
     """The config of the pruned model: fewer layers and, if needed, per-layer sizes."""
     data = base_config.to_dict()
     for key in ("_name_or_path", "auto_map", "architectures", "transformers_version"):
         data.pop(key, None)
-    kept = plan.kept_layers
+    kept = built_layers(plan, out_biases)
     data["num_hidden_layers"] = len(kept)
     if data.get("layer_types"):
         data["layer_types"] = [data["layer_types"][lp.index] for lp in kept]
@@ -126,7 +135,7 @@ def sliced_state_dict(model: nn.Module, adapter: Adapter, plan: PruningPlan,
     with onloaded(m for m in model.modules() if id(m) not in in_layers):
         out = {k: v.clone() for k, v in model.state_dict().items()
                if not k.startswith("model.layers.")}
-    for new_index, lp in enumerate(plan.kept_layers):
+    for new_index, lp in enumerate(built_layers(plan, out_biases)):
         with onloaded(layers[lp.index].modules()):
             out.update(_slice_layer(f"model.layers.{new_index}.",
                                     layers[lp.index].state_dict(), lp, widths))
@@ -152,10 +161,14 @@ def _replace_out_weights(state: dict, prefix: str, weights: dict) -> None:
 
 def _add_out_biases(state: dict, prefix: str, lp: LayerPlan, biases: dict) -> None:
     """Add compensation to the output projection of each kept, narrowed block (creating the
-    bias when the base model has none)."""
+    bias when the base model has none); an emptied block's compensation is its constant."""
     for kind, module in _OUT_PROJ.items():
         extra = biases.get(kind)
         if extra is None:
+            continue
+        emptied = lp.attn_removed if kind == "attn" else lp.mlp_removed
+        if emptied:  # the block is a modeling_hgsp.ConstantAttention / ConstantMLP
+            state[f"{prefix}{_CONSTANT[kind]}"] = extra.clone()
             continue
         weight = state[f"{prefix}{module}.weight"]
         name = f"{prefix}{module}.bias"
@@ -164,38 +177,49 @@ def _add_out_biases(state: dict, prefix: str, lp: LayerPlan, biases: dict) -> No
         state[name] = bias + extra.to(bias.device, bias.dtype)
 
 
-def narrowed_blocks(plan: PruningPlan, q_width: int) -> dict[tuple[str, int], torch.Tensor]:
+def narrowed_blocks(plan: PruningPlan, q_width: int, emptied: bool = False
+                    ) -> dict[tuple[str, int], torch.Tensor]:
     """``(kind, layer) -> kept input columns`` of the output projection of every kept block that
-    lost some width (``q_width`` columns per KV group: its query heads times head_dim)."""
+    lost some width (``q_width`` columns per KV group: its query heads times head_dim); with
+    ``emptied``, also of every block that lost all of it (no columns kept)."""
     out = {}
     for lp in plan.layers:
-        if lp.removed:
+        if lp.removed and not emptied:
             continue
-        if not lp.attn_removed and len(lp.kept_kv_heads) < plan.num_kv_heads:
-            out[("attn", lp.index)] = _rows(lp.kept_kv_heads, q_width)
-        if not lp.mlp_removed and len(lp.kept_channels) < plan.intermediate_size:
-            out[("mlp", lp.index)] = as_index(lp.kept_channels)
+        sizes = {"attn": plan.num_kv_heads, "mlp": plan.intermediate_size}
+        for kind, kept in (("attn", lp.kept_kv_heads), ("mlp", lp.kept_channels)):
+            if len(kept) == sizes[kind] or (not kept and not emptied):
+                continue
+            out[(kind, lp.index)] = _rows(kept, q_width) if kind == "attn" else as_index(kept)
     return out
 
 
 @torch.no_grad()
 def compensation_biases(model: nn.Module, adapter: Adapter, plan: PruningPlan,
-                        attn_mean: torch.Tensor, mlp_mean: torch.Tensor) -> dict:
+                        attn_mean: torch.Tensor, mlp_mean: torch.Tensor,
+                        emptied: bool = False) -> dict:
     """Per kept block, the bias that stands in for its removed heads and channels (FLAP).
 
     Args:
         attn_mean, mlp_mean: ``(L, features)`` calibration mean of every layer's o_proj and
             down_proj input.
+        emptied: also give every block that lost all its units its removed units' average
+            contribution, a constant that stands in for the block (FLAP's code keeps it).
     """
     d = adapter.dims()
     layers = adapter.layers(model)
     means = {"attn": attn_mean, "mlp": mlp_mean}
     out: dict = {}
-    for (kind, index), kept in narrowed_blocks(plan, d.gqa_ratio * d.head_dim).items():
+    for (kind, index), kept in narrowed_blocks(plan, d.gqa_ratio * d.head_dim,
+                                               emptied).items():
         proj = out_projection(layers[index], kind)
         with onloaded([proj]):
-            out.setdefault(index, {})[kind] = compensation_bias(
-                proj.weight.detach(), means[kind][index].to(proj.weight.device), kept)
+            bias = compensation_bias(proj.weight.detach(),
+                                     means[kind][index].to(proj.weight.device), kept)
+            if not kept.numel() and proj.bias is not None:
+                # the constant replaces the whole projection, its own bias included
+                bias = bias + proj.bias.detach()
+            out.setdefault(index, {})[kind] = bias
     return out
 
 

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""What the constant of an emptied block is worth: one saved run, rebuilt with and without it.
+
+A block that loses every head or channel can leave nothing behind or a constant: its removed
+units' calibration-mean contribution, the bias FLAP's code keeps there (``--method flap`` does;
+H-GSP's removed blocks get none). For each ``--run`` (a ``results/{output_name}`` folder of
+``hgsp prune``) this script loads the base model, measures again what the run measured (the
+calibration windows come from the run's own settings; cached importances are reused), takes
+the run's pruning plan and builds the pruned model twice, as the run did and with the other
+treatment of its emptied blocks; the rest of the model (its compensation biases, or the refit
+of H-GSP's narrowed projections) is the same in both. It checks that the first build has the
+saved model's parameter count, and scores both on WikiText-2 and PTB at 128 tokens
+(``--ppl_max_windows``, 0: the full test sets; needs ``HGSP_DATA_DIR``).
+
+    python benchmarks/emptied_block_constants.py --run results/NAME [--run ...] \\
+        [--ppl_max_windows 0] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", action="append", required=True,
+                   help="a results folder of `hgsp prune` (repeat for several)")
+    p.add_argument("--ppl_max_windows", type=int, default=0, help="0: the full test sets")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
+                                        "emptied_block_constants.json"))
+    return p.parse_args(argv)
+
+
+def run_config(folder: Path):
+    """The PruneConfig and pruning plan a results folder was made with."""
+    from hgsp.config import PruneConfig
+    from hgsp.errors import UserError
+    from hgsp.plan import PruningPlan
+
+    config_file = folder / "logs" / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{folder} is not a results folder of `hgsp prune` (no logs/config.json)"
+                        ": pass --run results/NAME")
+    arguments = json.loads(config_file.read_text())["arguments"]
+    return PruneConfig(**arguments), PruningPlan.load(folder / "analysis" / "pruning_plan.json")
+
+
+def emptied_blocks(plan) -> list[str]:
+    return [f"{lp.index}.{kind}" for lp in plan.layers
+            for kind, gone in (("attn", lp.attn_removed), ("mlp", lp.mlp_removed)) if gone]
+
+
+def with_constants(model, adapter, plan, measured, biases: dict | None) -> dict:
+    """``biases`` (the run's own, or None) plus a constant for every emptied block."""
+    from hgsp.surgery import compensation_biases
+
+    out = {index: dict(kinds) for index, kinds in (biases or {}).items()}
+    constants = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
+                                    measured.stats.mean("mlp"), emptied=True)
+    for index, kinds in constants.items():
+        lp = plan.layers[index]
+        for kind, bias in kinds.items():
+            if lp.attn_removed if kind == "attn" else lp.mlp_removed:
+                out.setdefault(index, {})[kind] = bias
+    return out
+
+
+def without_constants(biases: dict | None, plan) -> dict | None:
+    """``biases`` less the constants of emptied blocks."""
+    if biases is None:
+        return None
+    out = {}
+    for index, kinds in biases.items():
+        lp = plan.layers[index]
+        kept = {kind: b for kind, b in kinds.items()
+                if not (lp.attn_removed if kind == "attn" else lp.mlp_removed)}
+        if kept:
+            out[index] = kept
+    return out
+
+
+def both_builds(folder: Path):
+    """The run's settings, its two builds (``[(label, model), ...]``, the run's first) and the
+    tokenizer."""
+    import torch
+
+    from hgsp.adapters import adapter_for
+    from hgsp.data import load_corpus
+    from hgsp.modelio import load_model
+    from hgsp.pipeline import measure, uses_refit
+    from hgsp.reconstruction import refit_outputs
+    from hgsp.surgery import apply_plan, compensation_biases
+
+    cfg, plan = run_config(folder)
+    loaded = load_model(cfg.base_model, torch.float32)
+    model, adapter = loaded.model, adapter_for(loaded.model.config)
+    corpus = load_corpus(cfg.dataset, "train", cfg.data_dir)
+    _, measured = measure(cfg, model, loaded.tokenizer, adapter, corpus, torch.float32)
+    weights, biases = None, None
+    mean = measured.stats.mean
+    if uses_refit(cfg):
+        weights, biases = refit_outputs(model, adapter, plan, measured.calibration,
+                                        cfg.gradient_batch_size, mean("attn"), mean("mlp"),
+                                        cfg.refit_damp)
+    elif cfg.method == "flap" or cfg.bias_compensation:
+        biases = compensation_biases(model, adapter, plan, mean("attn"), mean("mlp"),
+                                     emptied=cfg.method == "flap")
+    has_constants = cfg.method == "flap"
+    other = (without_constants(biases, plan) if has_constants
+             else with_constants(model, adapter, plan, measured, biases))
+    builds = [("as run: " + ("constants" if has_constants else "no constants"),
+               apply_plan(model, adapter, plan, biases, weights)),
+              ("no constants" if has_constants else "constants",
+               apply_plan(model, adapter, plan, other, weights))]
+    settings = {"run": str(folder), "method": cfg.method, "pruning_ratio": cfg.pruning_ratio,
+                "emptied_blocks": emptied_blocks(plan)}
+    return settings, builds, loaded.tokenizer
+
+
+def score(model, tokenizer, max_windows: int) -> dict:
+    from hgsp.perplexity import perplexity
+
+    return {ds: round(perplexity(model, tokenizer, ds, 128, max_windows or None)["ppl"], 2)
+            for ds in ("wikitext2", "ptb")}
+
+
+def compare(folder: Path, max_windows: int) -> dict:
+    settings, builds, tokenizer = both_builds(folder)
+    saved = json.loads((folder / "summary.json").read_text())["parameters"]["pruned_total"]
+    rows = []
+    for label, model in builds:
+        params = sum(p.numel() for p in model.parameters())
+        rows.append({"build": label, "params": params, **score(model, tokenizer, max_windows)})
+    if rows[0]["params"] != saved:
+        raise RuntimeError(f"{folder}: rebuilt model has {rows[0]['params']:,} parameters, the "
+                           f"saved one {saved:,}; the run's measurements were not reproduced")
+    return {**settings, "builds": rows}
+
+
+def main(argv=None) -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    from hgsp.atomic import atomic_write
+    from hgsp.errors import UserError
+
+    args = parse_args(argv)
+    try:
+        results = [compare(Path(run), args.ppl_max_windows) for run in args.run]
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    doc = {"settings": {"ppl_seq_len": 128, "ppl_max_windows": args.ppl_max_windows or "all",
+                        "dtype": "float32"},
+           "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
+                       "torch": torch.__version__, "transformers": transformers.__version__},
+           "runs": results}
+    atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(doc, indent=1) + "\n"))
+    for r in results:
+        for b in r["builds"]:
+            print(f"{r['run']}: {b['build']}: {b['params']:,} parameters, WikiText-2 "
+                  f"{b['wikitext2']}, PTB {b['ptb']} ({len(r['emptied_blocks'])} emptied blocks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
