@@ -31,7 +31,7 @@ removes (on the demo model no single r gives the benchmark's 20% or 50% rows, RE
 
     git clone https://github.com/CASIA-IVA-Lab/FLAP /path/FLAP
     python benchmarks/reference_flap.py --flap_dir /path/FLAP [--model PATH] \\
-        [--calibration benchmarks/results/calibration/calibration.pt] [--ratios 0.2,0.5] \\
+        [--calibration benchmarks/results/calibration/calibration.pt] [--ratios 0.2,0.5,0.7] \\
         [--wanda_sp_ratios 0.35] [--batch_size 4] [--out FILE]
 """
 
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--flap_dir", required=True, help="a clone of CASIA-IVA-Lab/FLAP")
     exported_windows.add_arguments(p)
-    p.add_argument("--ratios", default="0.2,0.5", help="FLAP: shares of the parameters")
+    p.add_argument("--ratios", default="0.2,0.5,0.7",
+                   help="FLAP: shares of the parameters (0.7: it empties blocks)")
     p.add_argument("--wanda_sp_ratios", default="0.35",
                    help="Wanda-sp: single ratios of its code (0.35: 1 of 3 KV groups and 537 "
                         "channels per layer on the demo model)")
