@@ -8,8 +8,8 @@ H-GSP's removed blocks get none). For each ``--run`` (a ``results/{output_name}`
 calibration windows come from the run's own settings; cached importances are reused), takes
 the run's pruning plan and builds the pruned model twice, as the run did and with the other
 treatment of its emptied blocks; the rest of the model (its compensation biases, or the refit
-of H-GSP's narrowed projections) is the same in both. It checks that the first build has the
-saved model's parameter count, and scores both on WikiText-2 and PTB at 128 tokens
+of H-GSP's narrowed projections) is the same in both. It stops unless the first build has the
+saved model's tensors exactly, and scores both on WikiText-2 and PTB at 128 tokens
 (``--ppl_max_windows``, 0: the full test sets; needs ``HGSP_DATA_DIR``).
 
     python benchmarks/emptied_block_constants.py --run results/NAME [--run ...] \\
@@ -38,7 +38,9 @@ def parse_args(argv=None):
 
 
 def run_config(folder: Path):
-    """The PruneConfig and pruning plan a results folder was made with."""
+    """The PruneConfig, model dtype and pruning plan a results folder was made with."""
+    import torch
+
     from hgsp.config import PruneConfig
     from hgsp.errors import UserError
     from hgsp.plan import PruningPlan
@@ -47,8 +49,10 @@ def run_config(folder: Path):
     if not config_file.is_file():
         raise UserError(f"{folder} is not a results folder of `hgsp prune` (no logs/config.json)"
                         ": pass --run results/NAME")
-    arguments = json.loads(config_file.read_text())["arguments"]
-    return PruneConfig(**arguments), PruningPlan.load(folder / "analysis" / "pruning_plan.json")
+    config = json.loads(config_file.read_text())
+    dtype = getattr(torch, config["resolved"]["dtype"].removeprefix("torch."))
+    return (PruneConfig(**config["arguments"]), dtype,
+            PruningPlan.load(folder / "analysis" / "pruning_plan.json"))
 
 
 def emptied_blocks(plan) -> list[str]:
@@ -88,39 +92,58 @@ def without_constants(biases: dict | None, plan) -> dict | None:
 def both_builds(folder: Path):
     """The run's settings, its two builds (``[(label, model), ...]``, the run's first) and the
     tokenizer."""
-    import torch
-
     from hgsp.adapters import adapter_for
     from hgsp.data import load_corpus
     from hgsp.modelio import load_model
-    from hgsp.pipeline import measure, uses_refit
+    from hgsp.pipeline import measure, uses_compensation, uses_refit
     from hgsp.reconstruction import refit_outputs
     from hgsp.surgery import apply_plan, compensation_biases
 
-    cfg, plan = run_config(folder)
-    loaded = load_model(cfg.base_model, torch.float32)
+    cfg, dtype, plan = run_config(folder)
+    loaded = load_model(cfg.base_model, dtype)
     model, adapter = loaded.model, adapter_for(loaded.model.config)
     corpus = load_corpus(cfg.dataset, "train", cfg.data_dir)
-    _, measured = measure(cfg, model, loaded.tokenizer, adapter, corpus, torch.float32)
+    _, measured = measure(cfg, model, loaded.tokenizer, adapter, corpus, dtype)
     weights, biases = None, None
     mean = measured.stats.mean
     if uses_refit(cfg):
         weights, biases = refit_outputs(model, adapter, plan, measured.calibration,
                                         cfg.gradient_batch_size, mean("attn"), mean("mlp"),
                                         cfg.refit_damp)
-    elif cfg.method == "flap" or cfg.bias_compensation:
+    elif uses_compensation(cfg):
         biases = compensation_biases(model, adapter, plan, mean("attn"), mean("mlp"),
                                      emptied=cfg.method == "flap")
     has_constants = cfg.method == "flap"
     other = (without_constants(biases, plan) if has_constants
              else with_constants(model, adapter, plan, measured, biases))
-    builds = [("as run: " + ("constants" if has_constants else "no constants"),
-               apply_plan(model, adapter, plan, biases, weights)),
+    as_run = apply_plan(model, adapter, plan, biases, weights)
+    check_saved(as_run, folder / "models")
+    builds = [("as run: " + ("constants" if has_constants else "no constants"), as_run),
               ("no constants" if has_constants else "constants",
                apply_plan(model, adapter, plan, other, weights))]
     settings = {"run": str(folder), "method": cfg.method, "pruning_ratio": cfg.pruning_ratio,
+                "base_model": cfg.base_model, "dataset": cfg.dataset,
+                "num_examples": cfg.num_examples, "seq_len": cfg.seq_len, "seed": cfg.seed,
+                "dtype": str(dtype).removeprefix("torch."),
                 "emptied_blocks": emptied_blocks(plan)}
     return settings, builds, loaded.tokenizer
+
+
+def check_saved(model, folder: Path) -> None:
+    """Stop unless ``model`` has the saved model's tensors exactly: the run was rebuilt."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hgsp.errors import UserError
+
+    state = model.state_dict()
+    files = sorted(folder.glob("*.safetensors"))
+    saved = {k: v for f in files for k, v in load_file(f).items()}
+    differ = [k for k, v in saved.items() if k not in state or not torch.equal(v, state[k])]
+    if not saved or differ:
+        raise UserError(f"{folder}: the rebuilt model differs from the saved one "
+                        f"({differ[:3] or 'no safetensors'}): rerun the pruning with this "
+                        f"version of hgsp, then this script")
 
 
 def score(model, tokenizer, max_windows: int) -> dict:
@@ -132,14 +155,10 @@ def score(model, tokenizer, max_windows: int) -> dict:
 
 def compare(folder: Path, max_windows: int) -> dict:
     settings, builds, tokenizer = both_builds(folder)
-    saved = json.loads((folder / "summary.json").read_text())["parameters"]["pruned_total"]
     rows = []
     for label, model in builds:
         params = sum(p.numel() for p in model.parameters())
         rows.append({"build": label, "params": params, **score(model, tokenizer, max_windows)})
-    if rows[0]["params"] != saved:
-        raise RuntimeError(f"{folder}: rebuilt model has {rows[0]['params']:,} parameters, the "
-                           f"saved one {saved:,}; the run's measurements were not reproduced")
     return {**settings, "builds": rows}
 
 
@@ -158,8 +177,7 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    doc = {"settings": {"ppl_seq_len": 128, "ppl_max_windows": args.ppl_max_windows or "all",
-                        "dtype": "float32"},
+    doc = {"settings": {"ppl_seq_len": 128, "ppl_max_windows": args.ppl_max_windows or "all"},
            "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                        "torch": torch.__version__, "transformers": transformers.__version__},
            "runs": results}

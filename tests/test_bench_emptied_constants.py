@@ -56,3 +56,20 @@ def test_refuses_a_folder_that_is_not_a_run(bench, tmp_path, capsys):
     assert bench.main(["--run", str(tmp_path), "--out", str(tmp_path / "o.json")]) == 2
     assert "not a results folder" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_refuses_a_run_whose_saved_model_it_cannot_rebuild(bench, model_dir, data_dir, tmp_path,
+                                                           monkeypatch, capsys):
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("HGSP_DATA_DIR", str(data_dir))
+    result = _run(model_dir, data_dir, tmp_path, "flap", 0.75)
+    weights = result.results_dir / "models" / "model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("down_proj.weight"))
+    state[name] = state[name] + 1e-3
+    save_file(state, weights, metadata={"format": "pt"})
+    out = tmp_path / "out.json"
+    assert bench.main(["--run", str(result.results_dir), "--out", str(out)]) == 2
+    assert "differs from the saved one" in capsys.readouterr().err
+    assert not out.exists()

@@ -404,3 +404,39 @@ def test_flap_keeps_emptied_blocks_as_constants_and_counts_them(caplog):
     selection = selection_from_mask(table, fixed_costs(adapter), mask)
     assert bias_overhead(table, selection, adapter, constants=True) == d.hidden
     assert bias_overhead(table, selection, adapter) == 0
+
+
+def test_emptied_block_constant_includes_the_projection_bias():
+    """On a model whose o_proj / down_proj have biases, the constant is the whole projection
+    of the mean input: weight times mean plus that bias."""
+    model = tiny_model("llama", attention_bias=True, mlp_bias=True)
+    adapter = adapter_for(model.config)
+    plan = make_plan("llama", {0: ([0, 1], []), 2: ([], list(range(24)))})
+    d = adapter.dims()
+    torch.manual_seed(8)
+    attn_mean = torch.randn(4, d.num_heads * d.head_dim)
+    mlp_mean = torch.randn(4, d.intermediate)
+    biases = compensation_biases(model, adapter, plan, attn_mean, mlp_mean, emptied=True)
+    o_proj, down_proj = model.model.layers[0].self_attn.o_proj, model.model.layers[2].mlp.down_proj
+    assert o_proj.bias is not None and down_proj.bias is not None
+    with torch.no_grad():
+        assert torch.allclose(biases[0]["attn"], o_proj(attn_mean[0]), atol=1e-5)
+        assert torch.allclose(biases[2]["mlp"], down_proj(mlp_mean[2]), atol=1e-5)
+        assert not torch.allclose(biases[0]["attn"], o_proj.weight @ attn_mean[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("method, constants", [("flap", True), ("hgsp", False)])
+def test_budget_counts_constants_for_flap_only(method, constants, tiny_model_dir, data_dir,
+                                               tmp_path, monkeypatch):
+    import hgsp.pipeline as pipeline
+
+    seen = []
+    real = pipeline.bias_overhead
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("constants", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "bias_overhead", recording)
+    _run(tiny_model_dir, data_dir, tmp_path, method, ratio=0.5)
+    assert seen == [constants]

@@ -14,7 +14,8 @@ shrink each layer right after the base class has built it:
   compensation, as in FLAP). A flagged block with no heads or channels left is a constant: its
   removed units' average contribution, which FLAP's code keeps where it empties a block.
 
-Removed whole layers are simply absent (``num_hidden_layers`` counts the kept ones).
+Removed whole layers are simply absent (``num_hidden_layers`` counts the kept ones), except a
+layer whose two blocks are constants.
 
 This file is copied next to the weights of every saved model whose layers differ, so that
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it with nothing

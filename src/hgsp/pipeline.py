@@ -104,7 +104,11 @@ def uses_refit(cfg: PruneConfig) -> bool:
 def bias_overhead(table: GroupTable, selection: Selection, adapter: Adapter,
                   constants: bool = False) -> int:
     """Parameters that bias compensation adds: a bias per narrowed block that had none and,
-    with ``constants`` (FLAP), a constant per emptied block."""
+    with ``constants`` (FLAP), a constant per emptied block.
+
+    Counted on a first selection; the one made with the raised budget may narrow or empty a
+    few blocks more, each a hidden-size vector off the budget (the achieved ratio is measured
+    on the saved model either way)."""
     n_layers = len(selection.attn_removed)
     touched = torch.zeros(n_layers * 2, dtype=torch.bool)
     touched[(table.layer * 2 + table.kind)[selection.selected]] = True

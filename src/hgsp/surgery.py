@@ -123,7 +123,8 @@ def sliced_state_dict(model: nn.Module, adapter: Adapter, plan: PruningPlan,
     """The pruned model's state dict, with kept layers renumbered densely.
 
     ``out_biases`` maps a base layer index to ``{"attn": b, "mlp": b}``: vectors added to the
-    o_proj / down_proj bias of that layer's kept blocks (see :func:`compensation_biases`).
+    o_proj / down_proj bias of that layer's kept blocks, or the constant that stands in for an
+    emptied block (see :func:`compensation_biases`).
     ``out_weights``, mapped the same way, holds o_proj / down_proj weights that replace the
     sliced ones (the refit of :mod:`hgsp.reconstruction`).
     """
@@ -239,7 +240,7 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: PruningPlan,
     if plan.num_layers != len(adapter.layers(model)):
         raise ValueError(f"plan is for {plan.num_layers} layers, model has "
                          f"{len(adapter.layers(model))}")
-    if not plan.kept_layers:
+    if not built_layers(plan, out_biases):
         raise ValueError("the plan removes every layer")
     config = pruned_config(model.config, plan, out_biases)
     state = sliced_state_dict(model, adapter, plan, out_biases, out_weights)
