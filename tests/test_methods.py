@@ -440,3 +440,18 @@ def test_budget_counts_constants_for_flap_only(method, constants, tiny_model_dir
     monkeypatch.setattr(pipeline, "bias_overhead", recording)
     _run(tiny_model_dir, data_dir, tmp_path, method, ratio=0.5)
     assert seen == [constants]
+
+
+def test_a_plan_of_constants_only_still_builds_a_model():
+    """FLAP may empty every block; its constants still make a model (H-GSP's plan would not)."""
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    plan = make_plan("llama", {i: ([0, 1], list(range(24))) for i in range(4)})
+    d = adapter.dims()
+    attn_mean, mlp_mean = torch.ones(4, d.num_heads * d.head_dim), torch.ones(4, d.intermediate)
+    constants = compensation_biases(model, adapter, plan, attn_mean, mlp_mean, emptied=True)
+    pruned = apply_plan(model, adapter, plan, constants)
+    assert pruned.config.hgsp_source_layers == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="removes every layer"):
+        apply_plan(model, adapter, plan,
+                   compensation_biases(model, adapter, plan, attn_mean, mlp_mean))
