@@ -9,8 +9,16 @@ computes first-order Taylor scores (``|w·g|``, summed) on the quality benchmark
 windows and counts, over LLM-Pruner's layer range, the layers where the ``n`` lowest groups
 differ between the two, for every ``n`` from 1 to ``k - 1``.
 
+With ``--evaluate RUN`` (a results folder of ``hgsp prune --method llm_pruner`` calibrated on
+the same windows; repeat for several) it also prices the difference: it checks that hgsp's
+grouping of these scores removes the run's KV groups in every layer, swaps in the groups the
+folded scores would remove (the same number per layer; the MLP channels stay the run's), and
+scores both models on WikiText-2 and PTB at 128 tokens (``--ppl_max_windows``, 0: the full
+test sets; needs ``HGSP_DATA_DIR``).
+
     python benchmarks/llm_pruner_grouping.py [--model PATH] \\
-        [--calibration benchmarks/results/calibration/calibration.pt] [--batch_size 4] [--out FILE]
+        [--calibration benchmarks/results/calibration/calibration.pt] [--batch_size 4] \\
+        [--evaluate RUN [--ppl_max_windows 0]] [--out FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     exported_windows.add_arguments(p)
     p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--evaluate", action="append", default=[], metavar="RUN",
+                   help="a results folder of `hgsp prune --method llm_pruner` (repeatable)")
+    p.add_argument("--ppl_max_windows", type=int, default=0, help="0: the full test sets")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_pruner_grouping.json"))
     return p.parse_args(argv)
 
@@ -53,7 +64,8 @@ def group_scores(kv, query, folded: bool):
     return kv + query.view(n_kv, -1).sum(1)
 
 
-def compare(model, ids, batch_size: int) -> dict:
+def layer_scores(model, ids, batch_size: int) -> dict:
+    """``{layer: (hgsp's group scores, LLM-Pruner's folded ones)}`` over LLM-Pruner's range."""
     import torch
 
     from hgsp.adapters import adapter_for
@@ -68,15 +80,75 @@ def compare(model, ids, batch_size: int) -> dict:
             getattr(layer.self_attn, n).weight.requires_grad_(True)
     for i in range(0, ids.shape[0], batch_size):  # gradients summed over batches, as hgsp does
         model(input_ids=ids[i:i + batch_size], labels=ids[i:i + batch_size]).loss.backward()
-    start, stop = llm_pruner_range(len(layers))
-    differ = {n: [] for n in range(1, d.num_kv_heads)}
-    for li in range(start, stop):
-        kv, query = head_scores(layers[li].self_attn, d.num_heads, d.num_kv_heads, d.head_dim)
-        shared, folded = group_scores(kv, query, False), group_scores(kv, query, True)
-        for n in differ:
-            if set(torch.argsort(shared)[:n].tolist()) != set(torch.argsort(folded)[:n].tolist()):
-                differ[n].append(li)
-    return {"layers": [start, stop - 1], "differ": {str(n): v for n, v in differ.items()}}
+    out = {}
+    with torch.no_grad():
+        for li in range(*llm_pruner_range(len(layers))):
+            kv, query = head_scores(layers[li].self_attn, d.num_heads, d.num_kv_heads,
+                                    d.head_dim)
+            out[li] = (group_scores(kv, query, False), group_scores(kv, query, True))
+    return out
+
+
+def lowest(scores, n: int) -> set[int]:
+    import torch
+
+    return set(torch.argsort(scores)[:n].tolist())
+
+
+def compare(model, ids, batch_size: int) -> dict:
+    from hgsp.adapters import adapter_for
+
+    scores = layer_scores(model, ids, batch_size)
+    n_kv = adapter_for(model.config).dims().num_kv_heads
+    differ = {n: [li for li, (shared, folded) in scores.items()
+                  if lowest(shared, n) != lowest(folded, n)] for n in range(1, n_kv)}
+    return {"layers": [min(scores), max(scores)], "differ": {str(n): v for n, v in differ.items()},
+            "scores": scores}
+
+
+def folded_plan(plan, scores: dict):
+    """The run's plan with, in every scored layer, the KV groups the folded scores remove (as
+    many as the run removes there); raises unless hgsp's grouping removes the run's groups."""
+    import copy
+
+    from hgsp.errors import UserError
+
+    out = copy.deepcopy(plan)
+    for li, (shared, folded) in scores.items():
+        lp = out.layers[li]
+        removed = set(range(plan.num_kv_heads)) - set(lp.kept_kv_heads)
+        if lowest(shared, len(removed)) != removed:
+            raise UserError(f"layer {li}: these scores do not remove the run's KV groups "
+                            f"{sorted(removed)}: pass the run's calibration windows "
+                            f"(benchmarks/export_calibration.py with its settings)")
+        lp.kept_kv_heads = sorted(set(range(plan.num_kv_heads)) - lowest(folded, len(removed)))
+    return out
+
+
+def evaluate(model, tokenizer, run: Path, scores: dict, max_windows: int) -> dict:
+    """Perplexity of the run's plan and of the same plan with the folded KV-group choice."""
+    from hgsp.adapters import adapter_for
+    from hgsp.errors import UserError
+    from hgsp.perplexity import perplexity
+    from hgsp.plan import PruningPlan
+    from hgsp.surgery import apply_plan
+
+    plan = PruningPlan.load(run / "analysis" / "pruning_plan.json")
+    if plan.meta.get("method") != "llm_pruner":
+        raise UserError(f"{run} was not pruned with --method llm_pruner "
+                        f"(method {plan.meta.get('method')!r}): pass such a run to --evaluate")
+    folded = folded_plan(plan, scores)
+    swapped = [lp.index for lp, fp in zip(plan.layers, folded.layers)
+               if lp.kept_kv_heads != fp.kept_kv_heads]
+    adapter = adapter_for(model.config)
+    result = {"run": str(run), "pruning_ratio": plan.meta.get("pruning_ratio"),
+              "layers_with_other_groups": swapped}
+    for label, p in (("hgsp", plan), ("llm_pruner_folded", folded)):
+        pruned = apply_plan(model, adapter, p)
+        result[label] = {ds: round(perplexity(pruned, tokenizer, ds, 128,
+                                              max_windows or None)["ppl"], 2)
+                         for ds in ("wikitext2", "ptb")}
+    return result
 
 
 def main(argv=None) -> int:
@@ -92,9 +164,27 @@ def main(argv=None) -> int:
     ids, header = exported_windows.load_windows(args, model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     result = {**header, **compare(model, ids, args.batch_size)}
+    scores = result.pop("scores")
     n_layers = result["layers"][1] - result["layers"][0] + 1
     for n, where in result["differ"].items():
         print(f"{n} lowest KV group(s) differ in {len(where)} of {n_layers} layers: {where}")
+    if args.evaluate:
+        from transformers import AutoTokenizer
+
+        from hgsp.errors import UserError
+
+        model.zero_grad(set_to_none=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            result["evaluate"] = [evaluate(model, tokenizer, Path(run), scores,
+                                           args.ppl_max_windows) for run in args.evaluate]
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        result["ppl_max_windows"] = args.ppl_max_windows or "all"
+        for e in result["evaluate"]:
+            print(f"{e['run']}: other KV groups in layers {e['layers_with_other_groups']}; "
+                  f"WikiText-2 / PTB hgsp {e['hgsp']}, folded {e['llm_pruner_folded']}")
     atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(result, indent=1) + "\n"))
     return 0
 
