@@ -55,11 +55,6 @@ def run_config(folder: Path):
             PruningPlan.load(folder / "analysis" / "pruning_plan.json"))
 
 
-def emptied_blocks(plan) -> list[str]:
-    return [f"{lp.index}.{kind}" for lp in plan.layers
-            for kind, gone in (("attn", lp.attn_removed), ("mlp", lp.mlp_removed)) if gone]
-
-
 def with_constants(model, adapter, plan, measured, biases: dict | None) -> dict:
     """``biases`` (the run's own, or None) plus a constant for every emptied block."""
     from hgsp.surgery import compensation_biases
@@ -70,7 +65,7 @@ def with_constants(model, adapter, plan, measured, biases: dict | None) -> dict:
     for index, kinds in constants.items():
         lp = plan.layers[index]
         for kind, bias in kinds.items():
-            if lp.attn_removed if kind == "attn" else lp.mlp_removed:
+            if lp.block_removed(kind):
                 out.setdefault(index, {})[kind] = bias
     return out
 
@@ -83,7 +78,7 @@ def without_constants(biases: dict | None, plan) -> dict | None:
     for index, kinds in biases.items():
         lp = plan.layers[index]
         kept = {kind: b for kind, b in kinds.items()
-                if not (lp.attn_removed if kind == "attn" else lp.mlp_removed)}
+                if not lp.block_removed(kind)}
         if kept:
             out[index] = kept
     return out
@@ -95,25 +90,16 @@ def both_builds(folder: Path):
     from hgsp.adapters import adapter_for
     from hgsp.data import load_corpus
     from hgsp.modelio import load_model
-    from hgsp.pipeline import measure, uses_compensation, uses_refit
-    from hgsp.reconstruction import refit_outputs
-    from hgsp.surgery import apply_plan, compensation_biases
+    from hgsp.pipeline import keeps_constants, measure, output_tensors
+    from hgsp.surgery import apply_plan
 
     cfg, dtype, plan = run_config(folder)
     loaded = load_model(cfg.base_model, dtype)
     model, adapter = loaded.model, adapter_for(loaded.model.config)
     corpus = load_corpus(cfg.dataset, "train", cfg.data_dir)
     _, measured = measure(cfg, model, loaded.tokenizer, adapter, corpus, dtype)
-    weights, biases = None, None
-    mean = measured.stats.mean
-    if uses_refit(cfg):
-        weights, biases = refit_outputs(model, adapter, plan, measured.calibration,
-                                        cfg.gradient_batch_size, mean("attn"), mean("mlp"),
-                                        cfg.refit_damp)
-    elif uses_compensation(cfg):
-        biases = compensation_biases(model, adapter, plan, mean("attn"), mean("mlp"),
-                                     emptied=cfg.method == "flap")
-    has_constants = cfg.method == "flap"
+    biases, weights = output_tensors(model, adapter, plan, cfg, measured)
+    has_constants = keeps_constants(cfg)
     other = (without_constants(biases, plan) if has_constants
              else with_constants(model, adapter, plan, measured, biases))
     as_run = apply_plan(model, adapter, plan, biases, weights)
@@ -125,7 +111,7 @@ def both_builds(folder: Path):
                 "base_model": cfg.base_model, "dataset": cfg.dataset,
                 "num_examples": cfg.num_examples, "seq_len": cfg.seq_len, "seed": cfg.seed,
                 "dtype": str(dtype).removeprefix("torch."),
-                "emptied_blocks": emptied_blocks(plan)}
+                "emptied_blocks": plan.removed_blocks()}
     return settings, builds, loaded.tokenizer
 
 

@@ -90,9 +90,10 @@ def layer_scores(model, ids, batch_size: int) -> dict:
 
 
 def lowest(scores, n: int) -> set[int]:
-    import torch
+    """The ``n`` lowest-scoring groups, as ``--method llm_pruner`` picks them."""
+    from hgsp.methods import lowest as lowest_indices
 
-    return set(torch.argsort(scores)[:n].tolist())
+    return set(lowest_indices(scores, n).tolist())
 
 
 def compare(model, ids, batch_size: int) -> dict:

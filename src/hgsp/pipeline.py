@@ -96,6 +96,12 @@ def uses_compensation(cfg: PruneConfig) -> bool:
     return cfg.method == "flap" or (cfg.method == "hgsp" and cfg.bias_compensation)
 
 
+def keeps_constants(cfg: PruneConfig) -> bool:
+    """FLAP's code never drops a block: one it empties keeps its compensation as a constant.
+    H-GSP removes blocks for good (a constant there measured worse: benchmarks/README.md)."""
+    return cfg.method == "flap"
+
+
 def uses_refit(cfg: PruneConfig) -> bool:
     """The refit builds on bias compensation, and only for H-GSP (FLAP keeps its paper's)."""
     return cfg.method == "hgsp" and cfg.bias_compensation and cfg.refit_outputs
@@ -119,33 +125,32 @@ def bias_overhead(table: GroupTable, selection: Selection, adapter: Adapter,
     return adapter.dims().hidden * added
 
 
-def build_pruned(model, adapter: Adapter, plan: PruningPlan, cfg: PruneConfig,
-                 measured: Measurements):
-    """The pruned model of ``plan``, with bias compensation (and the refit of the narrowed
-    output projections) when ``cfg`` asks for it."""
-    biases, weights = None, None
+def output_tensors(model, adapter: Adapter, plan: PruningPlan, cfg: PruneConfig,
+                   measured: Measurements) -> tuple[dict | None, dict | None]:
+    """``(biases, weights)`` of the pruned model's output projections as ``cfg`` asks: bias
+    compensation (with FLAP's constants), and the refit of the narrowed projections."""
     if uses_refit(cfg):
         weights, biases = refit_outputs(model, adapter, plan, measured.calibration,
                                         cfg.gradient_batch_size, measured.stats.mean("attn"),
                                         measured.stats.mean("mlp"), cfg.refit_damp)
-    elif uses_compensation(cfg):
-        # FLAP's code never drops a block: one it empties keeps its compensation as a
-        # constant. H-GSP removes blocks for good (a constant there measured worse:
-        # benchmarks/README.md).
-        biases = compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
-                                     measured.stats.mean("mlp"), emptied=cfg.method == "flap")
-        if cfg.method == "flap":
-            _log_constants(plan)
-    return apply_plan(model, adapter, plan, biases, weights)
+        return biases, weights
+    if uses_compensation(cfg):
+        return compensation_biases(model, adapter, plan, measured.stats.mean("attn"),
+                                   measured.stats.mean("mlp"), emptied=keeps_constants(cfg)), None
+    return None, None
 
 
-def _log_constants(plan: PruningPlan) -> None:
-    emptied = [f"{lp.index}.{kind}" for lp in plan.layers
-               for kind, gone in (("attn", lp.attn_removed), ("mlp", lp.mlp_removed)) if gone]
-    if emptied:
+def build_pruned(model, adapter: Adapter, plan: PruningPlan, cfg: PruneConfig,
+                 measured: Measurements):
+    """The pruned model of ``plan``, with bias compensation (and the refit of the narrowed
+    output projections) when ``cfg`` asks for it."""
+    biases, weights = output_tensors(model, adapter, plan, cfg, measured)
+    emptied = plan.removed_blocks()
+    if keeps_constants(cfg) and emptied:
         log.info("FLAP removed every unit of %d block(s) (%s): each is kept as a constant, its "
                  "units' mean contribution, as FLAP's code does", len(emptied),
                  ", ".join(emptied))
+    return apply_plan(model, adapter, plan, biases, weights)
 
 
 def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig, budget: int,
@@ -157,7 +162,7 @@ def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig,
     """
     table, info, selection = choose(cfg.method, measured, adapter, cfg, budget, model)
     if uses_compensation(cfg):
-        overhead = bias_overhead(table, selection, adapter, constants=cfg.method == "flap")
+        overhead = bias_overhead(table, selection, adapter, constants=keeps_constants(cfg))
         table, info, selection = choose(cfg.method, measured, adapter, cfg, budget + overhead,
                                         model)
     return table, info, selection

@@ -40,6 +40,10 @@ class LayerPlan:
     def removed(self) -> bool:
         return self.attn_removed and self.mlp_removed
 
+    def block_removed(self, kind: str) -> bool:
+        """Whether the ``"attn"`` or ``"mlp"`` block lost all its units."""
+        return self.attn_removed if kind == "attn" else self.mlp_removed
+
 
 @dataclass
 class PruningPlan:
@@ -55,6 +59,11 @@ class PruningPlan:
     @property
     def kept_layers(self) -> list[LayerPlan]:
         return [lp for lp in self.layers if not lp.removed]
+
+    def removed_blocks(self) -> list[str]:
+        """Every block that lost all its units, as ``"layer.kind"`` (``"3.attn"``)."""
+        return [f"{lp.index}.{kind}" for lp in self.layers for kind in ("attn", "mlp")
+                if lp.block_removed(kind)]
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, **asdict(self)}

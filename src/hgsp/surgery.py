@@ -167,8 +167,7 @@ def _add_out_biases(state: dict, prefix: str, lp: LayerPlan, biases: dict) -> No
         extra = biases.get(kind)
         if extra is None:
             continue
-        emptied = lp.attn_removed if kind == "attn" else lp.mlp_removed
-        if emptied:  # the block is a modeling_hgsp.ConstantAttention / ConstantMLP
+        if lp.block_removed(kind):  # the block is a modeling_hgsp.ConstantAttention / ConstantMLP
             state[f"{prefix}{_CONSTANT[kind]}"] = extra.clone()
             continue
         weight = state[f"{prefix}{module}.weight"]
@@ -184,10 +183,10 @@ def narrowed_blocks(plan: PruningPlan, q_width: int, emptied: bool = False
     lost some width (``q_width`` columns per KV group: its query heads times head_dim); with
     ``emptied``, also of every block that lost all of it (no columns kept)."""
     out = {}
+    sizes = {"attn": plan.num_kv_heads, "mlp": plan.intermediate_size}
     for lp in plan.layers:
         if lp.removed and not emptied:
             continue
-        sizes = {"attn": plan.num_kv_heads, "mlp": plan.intermediate_size}
         for kind, kept in (("attn", lp.kept_kv_heads), ("mlp", lp.kept_channels)):
             if len(kept) == sizes[kind] or (not kept and not emptied):
                 continue
