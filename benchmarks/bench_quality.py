@@ -152,6 +152,48 @@ def _ppl_fields(ppl: dict) -> dict:
             "ppl_full": not any(ppl[d]["128"]["capped"] for d in ("wikitext2", "ptb"))}
 
 
+def model_digest(folder: Path) -> str:
+    """SHA-256 of a saved model's tensors (names, dtypes, shapes and values, in name order).
+
+    Rows whose settings lead to the same model (the defaults and "normalized per layer" at
+    20% on the demo model, for one) are evaluated once; the digest, kept in each row, also
+    tells whether a regenerated row pruned to the very model of the table."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in sorted(f.keys()):
+                t = f.get_tensor(key).contiguous()
+                h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# What a row names rather than measures: not taken over from a row with the same model.
+OWN_FIELDS = ("ratio", "row", "label", "prune_s", "same_model_as")
+
+
+def shared_evaluation(twin: dict) -> dict:
+    """The figures of ``twin``, an earlier row with the same model, for a row that is not
+    evaluated again: every measurement of the model (size, perplexity, zero-shot, speed)."""
+    return {**{k: v for k, v in twin.items() if k not in OWN_FIELDS},
+            "same_model_as": twin["row"]}
+
+
+def measured_models(rows: list[dict], settings: dict, args) -> dict[str, dict]:
+    """The rows of the table a new row with the same model may take its figures from, by
+    model digest: only rows measured as this run measures (full test sets, the same zero-shot
+    document limit), and never a row that itself took another's figures."""
+    if args.ppl_max_windows is not None or settings.get("zeroshot_limit") != args.zeroshot_limit:
+        return {}
+    return {r["model_sha256"]: r for r in rows
+            if r.get("model_sha256") and r.get("ppl_full") and "same_model_as" not in r}
+
+
 def prune_row(model_path, name, ratio, args, work_dir):
     from hgsp.config import PruneConfig
     from hgsp.pipeline import prune
@@ -170,8 +212,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
             "zero-shot mean ↑ | decode tok/s (b1) |")
     lines = [head, "|" + "---|" * 9]
     common, marks, notes = _window_marks(rows)
+    shared = _shared_marks(rows)
     for i, r in enumerate(rows):
-        lines.append(f"| {r['ratio']:g} | {r['label']}{marks.get(i, '')} | "
+        lines.append(f"| {r['ratio']:g} | {r['label']}{marks.get(i, '')}{shared.get(i, '')} | "
                      f"{r['params'] / 1e6:.2f} M | "
                      f"{r.get('achieved', 0):.2%} | {r.get('layers_kept', '')} | "
                      f"{r['wikitext2']:.2f} | {r['ptb']:.2f} | {r['zeroshot_mean']:.4f} | "
@@ -181,6 +224,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
                  f"piqa, hellaswag, winogrande, arc_easy on the first "
                  f"{settings['zeroshot_limit']} documents each; calibration: "
                  f"{settings['dataset']}, {_calibration_text(settings)} for every method.")
+    if shared:
+        lines.append("‡ The same saved model (the same tensors) as another row of its ratio, "
+                     "so evaluated once: its figures are that row's.")
     if settings.get("speed_remeasured"):
         passes = settings.get("speed_passes", 1)
         median = f", median of {passes} passes" if passes > 1 else ""
@@ -217,6 +263,14 @@ def _window_marks(rows: list[dict]) -> tuple[str, dict[int, str], str]:
     marks = {i: "†" * (others.index(t) + 1) for i, t in enumerate(texts) if t != common}
     notes = "".join(f" {'†' * (k + 1)} {t}." for k, t in enumerate(others))
     return common, marks, notes
+
+
+def _shared_marks(rows: list[dict]) -> dict[int, str]:
+    """A mark for each row that shows another row's figures, while that row still holds the
+    same model (a row rerun since with another model no longer vouches for them)."""
+    digest = {(r["ratio"], r.get("row")): r.get("model_sha256") for r in rows}
+    return {i: "‡" for i, r in enumerate(rows) if "same_model_as" in r
+            and digest.get((r["ratio"], r["same_model_as"])) == r.get("model_sha256")}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -287,15 +341,23 @@ def main(argv=None) -> int:
         rows = [{"ratio": 0.0, "label": "base", "layers_kept": base.model.config.num_hidden_layers,
                  **evaluate(base.model, base.tokenizer, settings, model_path)}]
         print(json.dumps(rows[-1]), flush=True)
+    seen = measured_models(rows, recorded, args)
     for ratio in ratios:
         for name in names:
             result, seconds = prune_row(model_path, name, ratio, args, work_dir)
             folder = result.results_dir / "models"
-            pruned = load_model(str(folder), torch.float32, "cpu", None)
+            digest = model_digest(folder)
             row = {"ratio": ratio, "row": name, "label": ROWS[name][0],
                    "achieved": result.summary["parameters"]["achieved_ratio_total"],
                    "layers_kept": result.summary["layers"]["kept"], "prune_s": round(seconds, 1),
-                   **evaluate(pruned.model, pruned.tokenizer, settings, str(folder))}
+                   "model_sha256": digest}
+            twin = seen.get(digest)
+            if twin is not None and (twin["row"], twin["ratio"]) != (name, ratio):
+                row.update(shared_evaluation(twin))
+            else:
+                pruned = load_model(str(folder), torch.float32, "cpu", None)
+                row.update(evaluate(pruned.model, pruned.tokenizer, settings, str(folder)))
+                seen[digest] = row
             rows = _replaced(rows, row)
             print(json.dumps(row), flush=True)
             _write(out_dir, _ordered(rows), recorded)
@@ -330,14 +392,16 @@ def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int
     settings = EvalSettings(kinds=["efficiency"], batch_sizes=(1,))
     previous = json.loads((out_dir / "quality.json").read_text())
     rows = previous["rows"]
-    folders = [_saved_model(model_path, row, args, work_dir)
-               for row in tqdm(rows, desc="pruned models")]
-    timings: list[list[float]] = [[] for _ in rows]
-    for p, order in enumerate(pass_orders(range(len(rows)), args.speed_passes)):
+    timed = _timed_for(rows)
+    folders = {i: _saved_model(model_path, rows[i], args, work_dir)
+               for i in tqdm(sorted(set(timed.values())), desc="pruned models")}
+    timings: dict[int, list[float]] = {i: [] for i in folders}
+    for p, order in enumerate(pass_orders(list(folders), args.speed_passes)):
         for i in tqdm(order, desc=f"timing, pass {p + 1}/{args.speed_passes}"):
             eff = _evaluate_folder(folders[i], settings)["efficiency"]
             timings[i].append(eff["speed"]["batch1"]["decode_tokens_per_s"])
-    for row, times in zip(rows, timings):
+    for i, row in enumerate(rows):
+        times = timings[timed[i]]
         row["decode_tok_s_b1"] = statistics.median(times)
         row["decode_tok_s_b1_passes"] = [round(t, 2) for t in times]
         print(f"{row['label']} {row['ratio']:g}: {row['decode_tok_s_b1']:.1f} tok/s "
@@ -347,6 +411,14 @@ def remeasure_speed(model_path: str, out_dir: Path, work_dir: Path, args) -> int
     _write(out_dir, _ordered(rows), kept)
     print(markdown(_ordered(rows), kept))
     return 0
+
+
+def _timed_for(rows: list[dict]) -> dict[int, int]:
+    """For each row, the row whose model is timed for it: the first row with the same model
+    digest (so that rows sharing a model show one speed), else itself."""
+    first: dict[str, int] = {}
+    return {i: first.setdefault(r["model_sha256"], i) if r.get("model_sha256") else i
+            for i, r in enumerate(rows)}
 
 
 def _check_same_model(row: dict, summary: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 from conftest import load_script
@@ -164,3 +165,105 @@ def test_bad_arguments_stop_before_any_work(bq, capsys, argv, message):
         bq.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _save(folder, tensors):
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_model_digest_follows_the_tensors_not_the_file(bq, tmp_path):
+    import torch
+
+    w = {"a.weight": torch.arange(6.0).view(2, 3), "b.bias": torch.ones(4)}
+    one = bq.model_digest(_save(tmp_path / "one", w))
+    assert bq.model_digest(_save(tmp_path / "two", dict(reversed(list(w.items()))))) == one
+    changed = {**w, "b.bias": torch.tensor([1.0, 1.0, 1.0, 1.0 + 2 ** -20])}
+    assert bq.model_digest(_save(tmp_path / "three", changed)) != one
+    reshaped = {**w, "a.weight": w["a.weight"].view(3, 2)}
+    assert bq.model_digest(_save(tmp_path / "four", reshaped)) != one
+
+
+def test_rows_with_the_same_model_are_evaluated_once(bq, tmp_path, monkeypatch):
+    import hgsp.evaluate
+    import hgsp.modelio
+
+    models = {"hgsp": "m1", "hgsp_norm_layer": "m1", "shortgpt": "m2"}
+    evaluated = []
+
+    def prune_row(model_path, name, ratio, args, work_dir):
+        folder = tmp_path / "runs" / models[name]
+        summary = {"parameters": {"achieved_ratio_total": 0.2}, "layers": {"kept": 30}}
+        return Namespace(results_dir=folder, summary=summary), 1.0
+
+    def evaluate(model, tokenizer, settings, folder=None):
+        evaluated.append(model)
+        return {**{k: v for k, v in _row(model).items() if k not in bq.OWN_FIELDS},
+                "wikitext2": float(len(evaluated))}
+
+    monkeypatch.setattr(bq, "prune_row", prune_row)
+    monkeypatch.setattr(bq, "evaluate", evaluate)
+    monkeypatch.setattr(bq, "model_digest", lambda folder: Path(folder).parent.name)
+    monkeypatch.setattr(hgsp.evaluate, "check_data", lambda settings: None)
+    monkeypatch.setattr(hgsp.modelio, "load_model", lambda path, *a: Namespace(
+        model=_Model("base" if path == "base" else Path(path).parent.name), tokenizer=None))
+    out = tmp_path / "out"
+    argv = ["--model", "base", "--ratios", "0.2", "--rows", "hgsp,hgsp_norm_layer,shortgpt",
+            "--out_dir", str(out), "--work_dir", str(tmp_path / "runs")]
+    assert bq.main(argv) == 0
+    assert [str(m) for m in evaluated] == ["base", "m1", "m2"]
+    doc = __import__("json").loads((out / "quality.json").read_text())
+    rows = {r.get("row", "base"): r for r in doc["rows"]}
+    assert rows["hgsp_norm_layer"]["same_model_as"] == "hgsp"
+    assert rows["hgsp_norm_layer"]["wikitext2"] == rows["hgsp"]["wikitext2"] == 2.0
+    assert rows["shortgpt"]["wikitext2"] == 3.0 and "same_model_as" not in rows["shortgpt"]
+    assert rows["hgsp_norm_layer"]["model_sha256"] == "m1"
+    table = (out / "quality.md").read_text()
+    assert table.count("‡") == 2  # the row's mark and its footnote
+
+
+class _Model(str):
+    """A stand-in model: its name, with the config the base row reads."""
+
+    config = Namespace(num_hidden_layers=30)
+
+
+def test_a_row_whose_twin_holds_another_model_now_loses_its_mark(bq):
+    twin = {**_row("defaults"), "row": "hgsp", "model_sha256": "new"}
+    copy = {**_row("per layer"), "row": "hgsp_norm_layer", "model_sha256": "old",
+            "same_model_as": "hgsp"}
+    settings = {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"}
+    assert "‡" not in bq.markdown([twin, copy], settings)
+    assert "‡" in bq.markdown([twin, {**copy, "model_sha256": "new"}], settings)
+
+
+def test_earlier_rows_are_reused_only_when_measured_the_same_way(bq):
+    rows = [{**_row("a"), "row": "hgsp", "model_sha256": "x"},
+            {**_row("b", full=False), "row": "flap", "model_sha256": "y"},
+            {**_row("c"), "row": "hgsp_norm_layer", "model_sha256": "x", "same_model_as": "hgsp"}]
+    full = Namespace(ppl_max_windows=None, zeroshot_limit=60)
+    assert list(bq.measured_models(rows, {"zeroshot_limit": 60}, full)) == ["x"]
+    assert bq.measured_models(rows, {"zeroshot_limit": 100}, full) == {}
+    capped = Namespace(ppl_max_windows=128, zeroshot_limit=60)
+    assert bq.measured_models(rows, {"zeroshot_limit": 60}, capped) == {}
+
+
+def test_speed_only_times_a_shared_model_once(bq, tmp_path, monkeypatch):
+    rows = [{**_row("base"), "ratio": 0.0}, {**_row("a"), "row": "hgsp", "model_sha256": "x"},
+            {**_row("b"), "row": "hgsp_norm_layer", "model_sha256": "x"}]
+    bq._write(tmp_path, rows, {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"})
+    calls = []
+
+    def timed(folder, _settings):
+        calls.append(folder)
+        return {"efficiency": {"speed": {"batch1": {"decode_tokens_per_s": 7.0}}}}
+
+    monkeypatch.setattr(bq, "_saved_model", lambda m, row, a, w: row["label"])
+    monkeypatch.setattr(bq, "_evaluate_folder", timed)
+    bq.remeasure_speed("model", tmp_path, tmp_path, Namespace(speed_passes=2))
+    assert calls == ["base", "a", "a", "base"]
+    doc = __import__("json").loads((tmp_path / "quality.json").read_text())
+    assert [r["decode_tok_s_b1_passes"] for r in doc["rows"]] == [[7.0, 7.0]] * 3
