@@ -120,12 +120,14 @@ def _linears(layer):
             ("down", m.down_proj, "cols")]
 
 
-def _naive_group_importance(model, salience):
+def _naive_group_importance(model, salience, positional=False):
     """Sum a per-parameter salience over each group's weights by explicit slicing.
 
     ``salience`` maps a parameter (by id) to its salience tensor. Attention group g owns q rows
     [g*r*d, (g+1)*r*d), k/v rows [g*d, (g+1)*d), o_proj columns [g*r*d, (g+1)*r*d) and the
-    matching q/k/v bias entries; MLP channel j owns gate/up row j and down column j.
+    matching q/k/v bias entries; MLP channel j owns gate/up row j and down column j. With
+    ``positional`` (LLM-Pruner's fold) the q rows / o columns scored with group g are those of
+    query heads g, g+n_kv, g+2·n_kv, ... instead.
     """
     cfg = model.config
     n_kv, d = cfg.num_key_value_heads, cfg.head_dim
@@ -136,7 +138,9 @@ def _naive_group_importance(model, salience):
     for l, layer in enumerate(layers):
         a, m = layer.self_attn, layer.mlp
         for g in range(n_kv):
-            qs, kvs = slice(g * r * d, (g + 1) * r * d), slice(g * d, (g + 1) * d)
+            heads = [g + n_kv * j for j in range(r)] if positional else range(g * r, g * r + r)
+            qs = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
+            kvs = slice(g * d, (g + 1) * d)
             total = salience[id(a.q_proj.weight)][qs, :].double().sum()
             total += salience[id(a.k_proj.weight)][kvs, :].double().sum()
             total += salience[id(a.v_proj.weight)][kvs, :].double().sum()
@@ -251,6 +255,26 @@ def test_magnitude_importance_matches_naive(arch):
     expected = _naive_group_importance(model, salience)
     imp = compute_importance(model, adapter_for(model.config), "magnitude", None, BATCH)
     _check(imp, model, *expected)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "taylor"])
+def test_positional_scoring_folds_query_heads_by_position(arch, windows, method):
+    model = tiny_model(arch)
+    adapter = adapter_for(model.config)
+    if method == "magnitude":
+        salience = {id(p): p.detach().abs() for p in _prunable_params(model)}
+    else:
+        params, per_batch = _naive_gradients(model, windows)
+        salience = {id(p): (p.detach() * sum(gs[i] for gs in per_batch)).abs()
+                    for i, p in enumerate(params)}
+    expected = _naive_group_importance(model, salience, positional=True)
+    imp = compute_importance(model, adapter, method, windows, BATCH,
+                             kv_group_scoring="positional")
+    _check(imp, model, *expected)
+    shared = compute_importance(model, adapter, method, windows, BATCH)
+    assert torch.equal(shared.mlp, imp.mlp)
+    # 4 query heads over 2 KV heads: group 0 is scored with heads 0, 2 instead of 0, 1
+    assert not torch.allclose(shared.attn, imp.attn, rtol=1e-3)
 
 
 def test_qwen2_bias_enters_the_attention_group():

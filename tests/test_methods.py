@@ -455,3 +455,30 @@ def test_a_plan_of_constants_only_still_builds_a_model():
     with pytest.raises(ValueError, match="removes every layer"):
         apply_plan(model, adapter, plan,
                    compensation_biases(model, adapter, plan, attn_mean, mlp_mean))
+
+
+def test_positional_kv_scoring_has_its_own_cached_importance(data_dir, tmp_path):
+    """LLM-Pruner's folded scoring must not reuse (or overwrite) the shared scoring's cache."""
+    model_dir = write_tiny_model(tmp_path / "model", "llama")
+
+    def kept(name, **extra):
+        result = _run(model_dir, data_dir, tmp_path / name, "llm_pruner", ratio=0.4, **extra)
+        plan = json.loads((result.results_dir / "analysis" / "pruning_plan.json").read_text())
+        return [lp["kept_kv_heads"] for lp in plan["layers"]], result.summary
+
+    shared, _ = kept("shared")
+    cached, summary = kept("cached", kv_group_scoring="positional")
+    fresh, _ = kept("fresh", kv_group_scoring="positional", cache=False)
+    assert cached == fresh
+    assert kept("again")[0] == shared  # the shared entry is still the shared scoring's
+    assert any(len(k) < 2 for k in fresh)  # groups are removed, so the scoring decides which
+    assert fresh != shared  # on this model the fold changes the choice (layer 0): a cache
+    # keyed without the scoring would have handed the positional runs the shared choice
+
+
+def test_positional_kv_scoring_is_llm_pruners_only():
+    cfg = PruneConfig(base_model="m", output_name="o", kv_group_scoring="positional")
+    with pytest.raises(UserError, match="--method llm_pruner"):
+        cfg.validate()
+    PruneConfig(base_model="m", output_name="o", method="llm_pruner",
+                kv_group_scoring="positional").validate()

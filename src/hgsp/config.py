@@ -95,6 +95,12 @@ class PruneConfig:
                       "data, for instruction-tuned models; a mix such as c4+alpaca draws "
                       "equally from both", choices=CALIBRATION_DATASETS)
     importance_method: str = _f("taylor", "group importance", choices=IMPORTANCE_METHODS)
+    kv_group_scoring: str = _f("shared", "--method llm_pruner: which query heads' scores a KV "
+                                         "group's score includes: shared = those that share "
+                                         "its KV head (the heads the group removes); "
+                                         "positional = those at its position modulo the KV-head "
+                                         "count, as LLM-Pruner's llama3.py folds them",
+                               choices=("shared", "positional"))
     num_examples: int = _f(32, "calibration windows for the importance")
     seq_len: int = _f(128, "tokens per calibration / analysis window")
     gradient_batch_size: int = _f(4, "windows per gradient batch: the loss is the mean over "
@@ -223,6 +229,9 @@ class PruneConfig:
                 raise UserError(f"--{name} must be a positive integer")
         if self.seq_len < 2:
             raise UserError("--seq_len must be at least 2 tokens")
+        if self.kv_group_scoring != "shared" and self.method != "llm_pruner":
+            raise UserError(f"--kv_group_scoring {self.kv_group_scoring} is LLM-Pruner's "
+                            f"scoring: use it with --method llm_pruner, or drop it")
         unknown = set(self.evaluations) - set(EVAL_KINDS)
         if unknown:
             raise UserError(f"unknown --run_evaluation '{','.join(sorted(unknown))}': use "

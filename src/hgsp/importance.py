@@ -59,7 +59,8 @@ def input_device(model: nn.Module) -> torch.device:
 def compute_importance(model: nn.Module, adapter: Adapter, method: str,
                        windows: torch.Tensor | None, batch_size: int,
                        gradient_checkpointing: bool = False,
-                       sums_on_cpu: bool = False, passes: int = 1) -> Importance:
+                       sums_on_cpu: bool = False, passes: int = 1,
+                       kv_group_scoring: str = "shared") -> Importance:
     """Importance of every attention group and MLP channel of ``model``.
 
     Args:
@@ -72,6 +73,10 @@ def compute_importance(model: nn.Module, adapter: Adapter, method: str,
             groups, with one pass over the calibration windows each, so that the gradient sums
             of one group only are held at a time. The importances are the same; the cost is
             the extra forward passes (each backward stops at the first layer of its group).
+        kv_group_scoring: ``shared`` adds to a KV group the scores of the query heads that
+            share its KV head (``q_proj`` rows, ``o_proj`` columns); ``positional`` those of
+            the query heads at its position modulo the KV-head count, as LLM-Pruner's
+            ``llama3.py`` folds them (:func:`fold_by_position`).
     """
     if method not in METHODS:
         raise UserError(f"unknown importance method '{method}': use one of {', '.join(METHODS)}")
@@ -82,12 +87,12 @@ def compute_importance(model: nn.Module, adapter: Adapter, method: str,
                      mlp=torch.zeros(n_layers, d.intermediate), method=method, tokens=tokens)
     if method not in GRADIENT_METHODS:
         stats = _input_norms(model, adapter, windows, batch_size) if method == "wanda" else {}
-        _reduce_into(out, model, adapter, stats, range(n_layers))
+        _reduce_into(out, model, adapter, stats, range(n_layers), kv_group_scoring)
         return out
     for layers in layer_groups(n_layers, passes):
         stats = _gradient_stats(model, adapter, method, windows, batch_size,
                                 gradient_checkpointing, sums_on_cpu, layers)
-        _reduce_into(out, model, adapter, stats, layers)
+        _reduce_into(out, model, adapter, stats, layers, kv_group_scoring)
         del stats  # frees this group's sums before the next pass
     return out
 
@@ -343,10 +348,22 @@ def _input_norms(model, adapter, windows, batch_size) -> dict:
 
 
 @torch.no_grad()
-def _reduce_into(out: Importance, model, adapter, stats: dict, layers) -> None:
+def fold_by_position(per_head: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """Query-head scores summed onto KV groups by position: head ``j`` to group ``j % n_kv``.
+
+    LLM-Pruner's ``llama3.py`` aligns a 9-head ``q_proj`` score with a 3-head ``k_proj`` one by
+    summing it in blocks of the KV width, so KV head ``h`` gets query heads ``h, h+3, h+6``,
+    while the group it removes holds heads ``3h..3h+2`` (those that share KV head ``h``)."""
+    return per_head.view(-1, n_kv).sum(0)
+
+
+def _reduce_into(out: Importance, model, adapter, stats: dict, layers,
+                 kv_group_scoring: str = "shared") -> None:
     """Add the group importances of ``layers`` (from their ``stats``) into ``out``."""
     d = adapter.dims()
     widths = {"q": d.gqa_ratio * d.head_dim, "kv": d.head_dim, "ch": 1}
+    if kv_group_scoring == "positional":  # per query head, then folded (below)
+        widths["q"] = d.head_dim
     todo = [item for item in layer_linears(model, adapter) if item[0] in layers]
     for index, path, axis, key, lin in tqdm(todo, desc="group importance", leave=False):
         target = out.attn if path.startswith("self_attn") else out.mlp
@@ -359,4 +376,7 @@ def _reduce_into(out: Importance, model, adapter, stats: dict, layers) -> None:
                 extra = {k: v.to(p.device) for k, v in extra.items()}
                 s = weight_salience(out.method, p.detach(), **extra)
                 reduce = row_groups if axis == "rows" or pname == "bias" else col_groups
-                target[index] += reduce(s, widths[key]).cpu()
+                groups = reduce(s, widths[key])
+                if key == "q" and kv_group_scoring == "positional":
+                    groups = fold_by_position(groups, d.num_kv_heads)
+                target[index] += groups.cpu()

@@ -328,10 +328,14 @@ def _importance_stage(cfg: PruneConfig, model, adapter: Adapter, cal, dtype):
                         method=cfg.importance_method, dataset=cfg.dataset,
                         num_examples=cfg.num_examples, seq_len=cfg.seq_len, seed=cfg.seed,
                         batch_size=cfg.gradient_batch_size, dtype=str(dtype),
-                        tokens=None if windows is None else tensor_digest(windows))
+                        tokens=None if windows is None else tensor_digest(windows),
+                        # only when not the default, so that earlier cache entries still match
+                        **({"kv_group_scoring": cfg.kv_group_scoring}
+                           if cfg.kv_group_scoring != "shared" else {}))
     importance, _ = cached(load_importance, store_importance, key, lambda: compute_importance(
         model, adapter, cfg.importance_method, windows, cfg.gradient_batch_size,
-        cfg.use_gradient_checkpointing, cfg.gradient_sums_on_cpu, cfg.gradient_passes))
+        cfg.use_gradient_checkpointing, cfg.gradient_sums_on_cpu, cfg.gradient_passes,
+        cfg.kv_group_scoring))
     return importance
 
 
