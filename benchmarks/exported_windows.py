@@ -1,8 +1,8 @@
 """What the scripts that read the exported calibration windows share.
 
-``llm_pruner_grouping.py``, ``reference_shortgpt.py`` and ``reference_flap.py`` take the model
-and the windows ``export_calibration.py`` wrote, and start their result files with the same
-header. Not a script: they import it.
+``llm_pruner_grouping.py``, ``reference_shortgpt.py``, ``reference_flap.py`` and
+``reference_llm_pruner.py`` take the model and the windows ``export_calibration.py`` wrote, and
+start their result files with the same header. Not a script: they import it.
 """
 
 from __future__ import annotations
