@@ -347,7 +347,6 @@ def _input_norms(model, adapter, windows, batch_size) -> dict:
     return stats
 
 
-@torch.no_grad()
 def fold_by_position(per_head: torch.Tensor, n_kv: int) -> torch.Tensor:
     """Query-head scores summed onto KV groups by position: head ``j`` to group ``j % n_kv``.
 
@@ -357,6 +356,7 @@ def fold_by_position(per_head: torch.Tensor, n_kv: int) -> torch.Tensor:
     return per_head.view(-1, n_kv).sum(0)
 
 
+@torch.no_grad()
 def _reduce_into(out: Importance, model, adapter, stats: dict, layers,
                  kv_group_scoring: str = "shared") -> None:
     """Add the group importances of ``layers`` (from their ``stats``) into ``out``."""
