@@ -167,9 +167,9 @@ def model_digest(folder: Path) -> str:
     for path in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for key in sorted(f.keys()):
-                t = f.get_tensor(key).contiguous()
+                t = f.get_tensor(key)
                 h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes())
+                h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -184,14 +184,17 @@ def shared_evaluation(twin: dict) -> dict:
             "same_model_as": twin["row"]}
 
 
-def measured_models(rows: list[dict], settings: dict, args) -> dict[str, dict]:
+def measured_models(rows: list[dict], settings: dict, args,
+                    rerun: set) -> dict[tuple[float, str], dict]:
     """The rows of the table a new row with the same model may take its figures from, by
-    model digest: only rows measured as this run measures (full test sets, the same zero-shot
-    document limit), and never a row that itself took another's figures."""
+    ratio and model digest: only rows measured as this run measures (full test sets, the same
+    zero-shot document limit), not a row this run measures again (``rerun``: its figures are
+    about to be replaced), and never a row that itself took another's figures."""
     if args.ppl_max_windows is not None or settings.get("zeroshot_limit") != args.zeroshot_limit:
         return {}
-    return {r["model_sha256"]: r for r in rows
-            if r.get("model_sha256") and r.get("ppl_full") and "same_model_as" not in r}
+    return {(r["ratio"], r["model_sha256"]): r for r in rows
+            if r.get("model_sha256") and r.get("ppl_full") and "same_model_as" not in r
+            and (r.get("row"), r["ratio"]) not in rerun}
 
 
 def prune_row(model_path, name, ratio, args, work_dir):
@@ -341,7 +344,7 @@ def main(argv=None) -> int:
         rows = [{"ratio": 0.0, "label": "base", "layers_kept": base.model.config.num_hidden_layers,
                  **evaluate(base.model, base.tokenizer, settings, model_path)}]
         print(json.dumps(rows[-1]), flush=True)
-    seen = measured_models(rows, recorded, args)
+    seen = measured_models(rows, recorded, args, {(n, r) for n in names for r in ratios})
     for ratio in ratios:
         for name in names:
             result, seconds = prune_row(model_path, name, ratio, args, work_dir)
@@ -351,13 +354,13 @@ def main(argv=None) -> int:
                    "achieved": result.summary["parameters"]["achieved_ratio_total"],
                    "layers_kept": result.summary["layers"]["kept"], "prune_s": round(seconds, 1),
                    "model_sha256": digest}
-            twin = seen.get(digest)
-            if twin is not None and (twin["row"], twin["ratio"]) != (name, ratio):
+            twin = seen.get((ratio, digest))
+            if twin is not None:
                 row.update(shared_evaluation(twin))
             else:
                 pruned = load_model(str(folder), torch.float32, "cpu", None)
                 row.update(evaluate(pruned.model, pruned.tokenizer, settings, str(folder)))
-                seen[digest] = row
+                seen[(ratio, digest)] = row
             rows = _replaced(rows, row)
             print(json.dumps(row), flush=True)
             _write(out_dir, _ordered(rows), recorded)
@@ -441,6 +444,10 @@ def _saved_model(model_path: str, row: dict, args, work_dir: Path) -> str:
     if not (run / "models" / "config.json").exists():
         prune_row(model_path, row["row"], row["ratio"], args, work_dir)
     _check_same_model(row, json.loads((run / "summary.json").read_text()))
+    if row.get("model_sha256") and model_digest(run / "models") != row["model_sha256"]:
+        raise SystemExit(f"error: {row['label']} at {row['ratio']:g}: the saved model in {run} "
+                         f"is not the table's (another model_sha256); rerun the row with "
+                         f"--update --rows {row['row']} --ratios {row['ratio']:g} first")
     return str(run / "models")
 
 
@@ -469,11 +476,16 @@ def rescore_perplexity(model_path: str, out_dir: Path, work_dir: Path, args) -> 
     names = None if args.rows == "all" else set(row_names(args.rows))
     ratios = set(parse_ratios(args.ratios)) | {0.0}
     kept = {**previous["settings"], "ppl_max_windows": args.ppl_max_windows}
+    scored: dict[tuple, dict] = {}  # (ratio, model digest) -> perplexity fields, this pass
     for row in rows:
         selected = row["ratio"] in ratios and (names is None or row.get("row", "base") in names)
         if not selected or (args.ppl_max_windows is None and row.get("ppl_full")):
             continue
-        row.update(_ppl_fields(_evaluate_saved(model_path, row, args, work_dir, settings)["ppl"]))
+        key = (row["ratio"], row.get("model_sha256") or id(row))
+        if key not in scored:
+            scored[key] = _ppl_fields(
+                _evaluate_saved(model_path, row, args, work_dir, settings)["ppl"])
+        row.update(scored[key])
         print(f"{row['label']} {row['ratio']:g}: {row['wikitext2']:.2f} / {row['ptb']:.2f} "
               f"({row['ppl_windows']})", flush=True)
         _write(out_dir, _ordered(rows), kept)

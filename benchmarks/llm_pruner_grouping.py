@@ -58,9 +58,11 @@ def head_scores(attn, n_q: int, n_kv: int, head_dim: int):
 def group_scores(kv, query, folded: bool):
     """KV-group scores: each KV head plus its query heads, those that share it (hgsp) or, with
     ``folded``, those at its position modulo the KV-head count (LLM-Pruner's ``llama3.py``)."""
+    from hgsp.importance import fold_by_position
+
     n_kv = kv.numel()
     if folded:
-        return kv + query.view(-1, n_kv).sum(0)
+        return kv + fold_by_position(query, n_kv)
     return kv + query.view(n_kv, -1).sum(1)
 
 
@@ -126,6 +128,13 @@ def folded_plan(plan, scores: dict):
     return out
 
 
+def run_scoring(run: Path) -> str:
+    """The run's ``--kv_group_scoring`` (``shared`` for runs from before the option)."""
+    path = run / "logs" / "config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    return config.get("arguments", {}).get("kv_group_scoring", "shared")
+
+
 def evaluate(model, tokenizer, run: Path, scores: dict, max_windows: int) -> dict:
     """Perplexity of the run's plan and of the same plan with the folded KV-group choice."""
     from hgsp.adapters import adapter_for
@@ -138,6 +147,9 @@ def evaluate(model, tokenizer, run: Path, scores: dict, max_windows: int) -> dic
     if plan.meta.get("method") != "llm_pruner":
         raise UserError(f"{run} was not pruned with --method llm_pruner "
                         f"(method {plan.meta.get('method')!r}): pass such a run to --evaluate")
+    if run_scoring(run) != "shared":
+        raise UserError(f"{run} was pruned with --kv_group_scoring {run_scoring(run)}: pass a "
+                        "run of the default (shared) scoring to --evaluate")
     folded = folded_plan(plan, scores)
     swapped = [lp.index for lp, fp in zip(plan.layers, folded.layers)
                if lp.kept_kv_heads != fp.kept_kv_heads]

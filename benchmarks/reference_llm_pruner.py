@@ -3,9 +3,10 @@
 with ``hgsp prune --method llm_pruner``.
 
 The authors' code (https://github.com/horseee/LLM-Pruner) is not part of this project: clone it
-and pass the clone. This script runs the block-wise path of its ``llama3.py`` (its script for
-GQA models): the ``MetaPruner`` of its ``LLMPruner.torch_pruning`` fork with its
-``TaylorImportance(group_reduction="sum", taylor="param_first")``, ``k_proj`` in consecutive
+and pass the clone. This script makes the calls of the block-wise path of its ``llama3.py``
+(its script for GQA models), with that script's settings: the ``MetaPruner`` of its
+``LLMPruner.torch_pruning`` fork with its ``TaylorImportance(group_reduction="sum",
+taylor="param_first")``, ``k_proj`` in consecutive
 groups of ``head_dim`` rows, its RMSNorm pruner, the ``k_proj`` and ``gate_proj`` of a layer
 range as the group roots, gradients from one backward pass of the windows' mean loss, and one
 pruning step. These changes are made, none inside its code:
@@ -16,21 +17,23 @@ pruning step. These changes are made, none inside its code:
   share of each root module (``MetaPruner``'s ``ch_sparsity_dict``) is set so that its code
   removes as many KV groups and MLP channels in each layer as the run (``llama3.py`` takes one
   ``--pruning_ratio`` for both kinds, which meets neither of the table's budgets);
-- float32 unless ``--dtype float16`` (its code loads float16), and eager attention (it calls
-  transformers' ``repeat_kv``, whose ``expand`` its dependency graph maps KV heads through);
+- float32 (its code loads float16, which a CPU runs too slowly for this), and eager attention
+  (it calls transformers' ``repeat_kv``, whose ``expand`` its dependency graph maps KV heads
+  through);
 - the tracing forward gets ``use_cache=False``: its graph builder flattens the model's outputs
   and cannot flatten the cache object of transformers 5.
 
 For each run it records, per layer, the KV groups and MLP channels each side removes and the
 query heads LLM-Pruner's dependency graph removes with a KV group; it builds the same choice
 with hgsp's surgery (a pruning plan) and checks that it gives LLM-Pruner's pruned tensors
-exactly. ``--evaluate`` scores LLM-Pruner's pruned model and the run's plan on WikiText-2 and
+exactly, and whether the run's own model has them too; the result records the clone's
+commit. ``--evaluate`` scores LLM-Pruner's pruned model and the run's plan on WikiText-2 and
 PTB at 128 tokens (``--ppl_max_windows``, 0: the full test sets; needs ``HGSP_DATA_DIR``).
 
     git clone https://github.com/horseee/LLM-Pruner /path/LLM-Pruner
     python benchmarks/reference_llm_pruner.py --llm_pruner_dir /path/LLM-Pruner \\
         --run results/llm_pruner_r0.2 [--run ...] [--model PATH] \\
-        [--calibration benchmarks/results/calibration/calibration.pt] [--dtype float32] \\
+        [--calibration benchmarks/results/calibration/calibration.pt] \\
         [--evaluate [--ppl_max_windows 0]] [--out FILE]
 """
 
@@ -59,8 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--run", action="append", required=True, metavar="RUN",
                    help="a results folder of `hgsp prune --method llm_pruner` (repeatable)")
     exported_windows.add_arguments(p)
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="the dtype its code runs in (its llama3.py loads float16)")
     p.add_argument("--evaluate", action="store_true")
     p.add_argument("--ppl_max_windows", type=int, default=0, help="0: the full test sets")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
@@ -88,6 +89,15 @@ def import_llm_pruner(clone: str):
         sys.path.remove(str(root))
 
 
+def clone_commit(clone: str) -> str:
+    """The commit of the clone the code came from, as the result file records it."""
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(Path(clone).expanduser()), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else "not a git checkout"
+
+
 def load_run(run: Path):
     from hgsp.errors import UserError
     from hgsp.plan import PruningPlan
@@ -97,13 +107,6 @@ def load_run(run: Path):
         raise UserError(f"{run} was not pruned with --method llm_pruner "
                         f"(method {plan.meta.get('method')!r}): pass such a run to --run")
     return plan
-
-
-def run_scoring(run: Path) -> str:
-    """The run's ``--kv_group_scoring`` (``shared`` for runs from before the option)."""
-    path = run / "logs" / "config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
-    return config.get("arguments", {}).get("kv_group_scoring", "shared")
 
 
 def removed_counts(plan, head_dim: int) -> dict[int, tuple[int, int]]:
@@ -120,7 +123,8 @@ def removed_counts(plan, head_dim: int) -> dict[int, tuple[int, int]]:
 def share(total: int, count: int) -> float:
     """The ratio r with ``total - int(total * (1 - r)) == count``, MetaPruner's count."""
     r = max(count - 0.5, 0) / total  # mid-interval: the float product cannot round across
-    assert total - int(total * (1 - r)) == count
+    if total - int(total * (1 - r)) != count:
+        raise RuntimeError(f"no share of {total} gives MetaPruner's count {count}")
     return r
 
 
@@ -176,7 +180,7 @@ def reference_choice(removed: dict, layer: int, head_dim: int) -> dict:
 
 def compare_layers(plan, removed: dict, head_dim: int, q_per_kv: int) -> dict:
     """Per pruned layer: both choices, and whether the query heads follow the KV heads."""
-    rows, same_groups, same_channels, shared_heads = [], 0, 0, 0
+    rows, same_groups, same_channels, shared_heads, attn_layers = [], 0, 0, 0, 0
     for lp in plan.layers:
         ref = reference_choice(removed, lp.index, head_dim)
         ours = {"kv_groups": sorted(set(range(plan.num_kv_heads)) - set(lp.kept_kv_heads)),
@@ -186,14 +190,16 @@ def compare_layers(plan, removed: dict, head_dim: int, q_per_kv: int) -> dict:
         sharing = sorted(h * q_per_kv + j for h in ref["kv_groups"] for j in range(q_per_kv))
         same_groups += ref["kv_groups"] == ours["kv_groups"]
         same_channels += ref["channels"] == ours["channels"]
-        shared_heads += ref["query_heads"] == sharing
+        attn_layers += bool(ref["kv_groups"])
+        shared_heads += bool(ref["kv_groups"]) and ref["query_heads"] == sharing
         rows.append({"layer": lp.index, "llm_pruner_kv_groups": ref["kv_groups"],
                      "llm_pruner_query_heads": ref["query_heads"],
                      "hgsp_kv_groups": ours["kv_groups"],
                      "channels_removed": [len(ref["channels"]), len(ours["channels"])],
                      "channels_in_common": len(set(ref["channels"]) & set(ours["channels"]))})
     return {"layers": rows, "same_kv_groups": same_groups, "same_channels": same_channels,
-            "query_heads_share_the_kv_head": shared_heads, "pruned_layers": len(rows),
+            "query_heads_share_the_kv_head": shared_heads,
+            "layers_losing_kv_groups": attn_layers, "pruned_layers": len(rows),
             "same_units_in_every_layer": same_groups == same_channels == len(rows)}
 
 
@@ -214,19 +220,20 @@ def same_tensors(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def check_run(tp, lp, model_dir: str, ids, run: Path,
-              dtype: str = "float32") -> tuple[dict, object, dict]:
+def check_run(tp, lp, model_dir: str, ids, run: Path) -> tuple[dict, object, dict]:
     """LLM-Pruner's code against one run: the record, its pruned model, and what the
     evaluation needs (the base model and adapter, the run's plan and its choice as a plan)."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    import llm_pruner_grouping
 
     from hgsp.adapters import adapter_for
     from hgsp.errors import UserError
     from hgsp.surgery import apply_plan
 
     plan = load_run(run)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="eager")
     if model.config.model_type != "llama":
         raise UserError(f"{model_dir} is a {model.config.model_type} model: LLM-Pruner's "
@@ -236,14 +243,14 @@ def check_run(tp, lp, model_dir: str, ids, run: Path,
     base = copy.deepcopy(model)
     removed = run_reference(tp, lp, model, ids, removed_counts(plan, d.head_dim))
     ref_plan = as_plan(plan, removed, d.head_dim)
-    rebuilt = apply_plan(base, adapter, ref_plan)
+    rebuilt, run_model = apply_plan(base, adapter, ref_plan), apply_plan(base, adapter, plan)
     record = {"run": str(run), "pruning_ratio": plan.meta.get("pruning_ratio"),
-              "kv_group_scoring": run_scoring(run),
+              "kv_group_scoring": llm_pruner_grouping.run_scoring(run),
               **compare_layers(plan, removed, d.head_dim, d.num_heads // d.num_kv_heads),
               "parameters": {"llm_pruner": sum(p.numel() for p in model.parameters()),
-                             "hgsp_run": sum(p.numel() for p in apply_plan(
-                                 base, adapter, plan).parameters())},
-              "hgsp_surgery_of_its_choice_is_identical": same_tensors(model, rebuilt)}
+                             "hgsp_run": sum(p.numel() for p in run_model.parameters())},
+              "hgsp_surgery_of_its_choice_is_identical": same_tensors(model, rebuilt),
+              "hgsp_run_is_identical": same_tensors(model, run_model)}
     return record, model, {"base": base, "adapter": adapter, "plan": plan, "its_plan": ref_plan}
 
 
@@ -275,7 +282,7 @@ def main(argv=None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         runs = []
         for run in args.run:
-            record, pruned, ctx = check_run(tp, lp, model_dir, ids, Path(run), args.dtype)
+            record, pruned, ctx = check_run(tp, lp, model_dir, ids, Path(run))
             if args.evaluate:
                 run_model = apply_plan(ctx["base"], ctx["adapter"], ctx["plan"])
                 record["perplexity"] = {
@@ -286,14 +293,16 @@ def main(argv=None) -> int:
                   f"{record['same_kv_groups']} of "
                   f"{record['pruned_layers']} layers, same MLP channels in "
                   f"{record['same_channels']}; query heads sharing the KV head in "
-                  f"{record['query_heads_share_the_kv_head']}; hgsp's surgery of its choice "
-                  f"identical: {record['hgsp_surgery_of_its_choice_is_identical']}; "
+                  f"{record['query_heads_share_the_kv_head']} of "
+                  f"{record['layers_losing_kv_groups']}; hgsp's surgery of its choice "
+                  f"identical: {record['hgsp_surgery_of_its_choice_is_identical']}; the run's "
+                  f"model identical: {record['hgsp_run_is_identical']}; "
                   f"{record.get('perplexity', '')}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = {**header, "torch": torch.__version__, "transformers": transformers.__version__,
-              "dtype": args.dtype,
+              "llm_pruner_commit": clone_commit(args.llm_pruner_dir), "dtype": "float32",
               "ppl_max_windows": (args.ppl_max_windows or "all") if args.evaluate else None,
               "runs": runs}
     atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(result, indent=1) + "\n"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from argparse import Namespace
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def test_speed_only_times_every_model_in_alternating_passes_and_keeps_the_median
     monkeypatch.setattr(bq, "_evaluate_folder", timed)
     bq.remeasure_speed("model", tmp_path, tmp_path, Namespace(speed_passes=3))
     assert calls == ["base", "a", "b", "b", "a", "base", "base", "a", "b"]
-    doc = __import__("json").loads((tmp_path / "quality.json").read_text())
+    doc = json.loads((tmp_path / "quality.json").read_text())
     got = {r["label"]: (r["decode_tok_s_b1"], r["decode_tok_s_b1_passes"]) for r in doc["rows"]}
     assert got == {"base": (6.0, [5.0, 9.0, 6.0]), "a": (20.0, [20.0, 1.0, 30.0]),
                    "b": (11.0, [12.0, 11.0, 10.0])}
@@ -215,7 +216,7 @@ def test_rows_with_the_same_model_are_evaluated_once(bq, tmp_path, monkeypatch):
             "--out_dir", str(out), "--work_dir", str(tmp_path / "runs")]
     assert bq.main(argv) == 0
     assert [str(m) for m in evaluated] == ["base", "m1", "m2"]
-    doc = __import__("json").loads((out / "quality.json").read_text())
+    doc = json.loads((out / "quality.json").read_text())
     rows = {r.get("row", "base"): r for r in doc["rows"]}
     assert rows["hgsp_norm_layer"]["same_model_as"] == "hgsp"
     assert rows["hgsp_norm_layer"]["wikitext2"] == rows["hgsp"]["wikitext2"] == 2.0
@@ -245,10 +246,12 @@ def test_earlier_rows_are_reused_only_when_measured_the_same_way(bq):
             {**_row("b", full=False), "row": "flap", "model_sha256": "y"},
             {**_row("c"), "row": "hgsp_norm_layer", "model_sha256": "x", "same_model_as": "hgsp"}]
     full = Namespace(ppl_max_windows=None, zeroshot_limit=60)
-    assert list(bq.measured_models(rows, {"zeroshot_limit": 60}, full)) == ["x"]
-    assert bq.measured_models(rows, {"zeroshot_limit": 100}, full) == {}
+    assert list(bq.measured_models(rows, {"zeroshot_limit": 60}, full, set())) == [(0.2, "x")]
+    assert bq.measured_models(rows, {"zeroshot_limit": 100}, full, set()) == {}
     capped = Namespace(ppl_max_windows=128, zeroshot_limit=60)
-    assert bq.measured_models(rows, {"zeroshot_limit": 60}, capped) == {}
+    assert bq.measured_models(rows, {"zeroshot_limit": 60}, capped, set()) == {}
+    # a row measured again now does not lend its old figures
+    assert bq.measured_models(rows, {"zeroshot_limit": 60}, full, {("hgsp", 0.2)}) == {}
 
 
 def test_speed_only_times_a_shared_model_once(bq, tmp_path, monkeypatch):
@@ -259,11 +262,34 @@ def test_speed_only_times_a_shared_model_once(bq, tmp_path, monkeypatch):
 
     def timed(folder, _settings):
         calls.append(folder)
-        return {"efficiency": {"speed": {"batch1": {"decode_tokens_per_s": 7.0}}}}
+        speed = {"base": 5.0, "a": 7.0}[folder] + len(calls)
+        return {"efficiency": {"speed": {"batch1": {"decode_tokens_per_s": speed}}}}
 
     monkeypatch.setattr(bq, "_saved_model", lambda m, row, a, w: row["label"])
     monkeypatch.setattr(bq, "_evaluate_folder", timed)
     bq.remeasure_speed("model", tmp_path, tmp_path, Namespace(speed_passes=2))
     assert calls == ["base", "a", "a", "base"]
-    doc = __import__("json").loads((tmp_path / "quality.json").read_text())
-    assert [r["decode_tok_s_b1_passes"] for r in doc["rows"]] == [[7.0, 7.0]] * 3
+    doc = json.loads((tmp_path / "quality.json").read_text())
+    assert [r["decode_tok_s_b1_passes"] for r in doc["rows"]] == [[6.0, 9.0], [9.0, 10.0],
+                                                                  [9.0, 10.0]]
+
+
+def test_ppl_only_scores_a_shared_model_once(bq, tmp_path, monkeypatch):
+    rows = [{**_row("base"), "ratio": 0.0},
+            {**_row("a", full=False), "row": "hgsp", "model_sha256": "x"},
+            {**_row("b", full=False), "row": "hgsp_norm_layer", "model_sha256": "x"},
+            {**_row("c", full=False), "row": "flap", "model_sha256": "y"}]
+    bq._write(tmp_path, rows, {"zeroshot_limit": 60, "dataset": "c4", "extra": "{}"})
+    scored = []
+
+    def ppl(model_path, row, args, work_dir, settings):
+        scored.append(row["label"])
+        value = {"windows": 9, "capped": False, "ppl": float(len(scored))}
+        return {"ppl": {d: {"128": value} for d in ("wikitext2", "ptb")}}
+
+    monkeypatch.setattr(bq, "_evaluate_saved", ppl)
+    args = Namespace(rows="all", ratios="0.2", ppl_max_windows=None)
+    bq.rescore_perplexity("model", tmp_path, tmp_path, args)
+    assert scored == ["a", "c"]  # the base row is already on the full sets
+    doc = json.loads((tmp_path / "quality.json").read_text())
+    assert [r["wikitext2"] for r in doc["rows"]] == [100.0, 1.0, 1.0, 2.0]

@@ -6,6 +6,7 @@ interface the script relies on: ``MetaPruner(model, example_inputs, **kwargs)`` 
 ``TaylorImportance`` and ``hf_rmsnorm_pruner``.
 """
 
+import copy
 import json
 
 import pytest
@@ -134,11 +135,27 @@ def test_check_run_compares_choices_and_rebuilds_its_tensors(bench, tiny_model_d
     # the stand-in's positional slicing is not a KV group's query heads; hgsp's surgery of the
     # choice (query heads sharing the KV head) then differs from the stand-in's tensors
     assert record["query_heads_share_the_kv_head"] == (0 if positional else 2)
+    assert record["layers_losing_kv_groups"] == 2
     assert record["hgsp_surgery_of_its_choice_is_identical"] is (not positional)
-    same = sum(r["llm_pruner_kv_groups"] == r["hgsp_kv_groups"] for r in record["layers"])
+    assert [r["hgsp_kv_groups"] for r in record["layers"]] == [[0], [1]]
+    # the stand-in removes the lowest |w·g| groups and channels of the run's counts
+    its = [r["llm_pruner_kv_groups"] for r in record["layers"]]
+    assert its == [expected_groups(ctx["base"], i) for i in (1, 2)]
+    same = sum(g == [[0], [1]][k] for k, g in enumerate(its))
     assert record["same_kv_groups"] == same
     assert record["kv_group_scoring"] == "shared"  # a run without logs/config.json
-    assert record["same_units_in_every_layer"] == (same == 2 and record["same_channels"] == 2)
+    assert record["same_units_in_every_layer"] is False  # channels 0-4 / 19-23 are not its
+    assert record["hgsp_run_is_identical"] is False
+
+
+def expected_groups(base, layer: int) -> list[int]:
+    """The KV group the stand-in removes in ``layer``: the lowest |w·g| of k_proj rows, from
+    the gradients of the same windows on the unpruned model."""
+    model = copy.deepcopy(base)
+    ids = windows()
+    model(input_ids=ids, labels=ids).loss.backward()
+    k = model.model.layers[layer].self_attn.k_proj
+    return [int((k.weight * k.weight.grad).abs().sum(1).view(2, -1).sum(1).argmin())]
 
 
 def test_a_run_that_removes_its_choice_is_reported_as_such(bench, tiny_model_dir, tmp_path):
@@ -156,6 +173,7 @@ def test_a_run_that_removes_its_choice_is_reported_as_such(bench, tiny_model_dir
     again, _, _ = bench.check_run(tp, lp, str(tiny_model_dir), windows(), run)
     assert again["kv_group_scoring"] == "positional"
     assert again["same_units_in_every_layer"] and again["same_kv_groups"] == 2
+    assert again["hgsp_run_is_identical"] is True
 
 
 def test_a_run_of_another_method_is_refused(bench, tiny_model_dir, tmp_path, capsys):
@@ -178,16 +196,22 @@ def test_main_writes_the_comparison_and_perplexities(bench, tiny_model_dir, data
     monkeypatch.setenv("HGSP_DATA_DIR", str(data_dir))
     calibration = tmp_path / "calibration.pt"
     torch.save({"calibration": windows()}, calibration)
-    run = llm_pruner_run(tmp_path / "run", {1: ([0], range(3))})
+    clone = standin(tmp_path / "clone")
+    tp, lp = bench.import_llm_pruner(str(clone))
+    _, _, ctx = bench.check_run(tp, lp, str(tiny_model_dir), windows(),
+                                llm_pruner_run(tmp_path / "first", {1: ([0], range(3))}))
+    run = tmp_path / "run"  # a run whose plan is the stand-in's own choice
+    (run / "analysis").mkdir(parents=True)
+    ctx["its_plan"].save(run / "analysis" / "pruning_plan.json")
     out = tmp_path / "out.json"
-    assert bench.main(["--llm_pruner_dir", str(standin(tmp_path / "clone")), "--run", str(run),
+    assert bench.main(["--llm_pruner_dir", str(clone), "--run", str(run),
                        "--model", str(tiny_model_dir), "--calibration", str(calibration),
                        "--evaluate", "--ppl_max_windows", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["windows"] == [4, 8] and result["ppl_max_windows"] == 2
+    assert result["llm_pruner_commit"] == "not a git checkout"
     (record,) = result["runs"]
+    assert record["hgsp_run_is_identical"] is True
     ppl = record["perplexity"]
-    assert set(ppl) == {"llm_pruner", "hgsp_run"}
     assert all(v > 1 for side in ppl.values() for v in side.values())
-    if record["same_kv_groups"] == 1:  # the same choice: the same model, the same perplexity
-        assert ppl["llm_pruner"] == ppl["hgsp_run"]
+    assert ppl["llm_pruner"] == ppl["hgsp_run"]  # the same model: the same perplexity

@@ -231,7 +231,7 @@ class PruneConfig:
             raise UserError("--seq_len must be at least 2 tokens")
         if self.kv_group_scoring != "shared" and self.method != "llm_pruner":
             raise UserError(f"--kv_group_scoring {self.kv_group_scoring} is LLM-Pruner's "
-                            f"scoring: use it with --method llm_pruner, or drop it")
+                            "scoring: use it with --method llm_pruner, or drop it")
         unknown = set(self.evaluations) - set(EVAL_KINDS)
         if unknown:
             raise UserError(f"unknown --run_evaluation '{','.join(sorted(unknown))}': use "
