@@ -135,18 +135,35 @@ def run_scoring(run: Path) -> str:
     return config.get("arguments", {}).get("kv_group_scoring", "shared")
 
 
-def evaluate(model, tokenizer, run: Path, scores: dict, max_windows: int) -> dict:
-    """Perplexity of the run's plan and of the same plan with the folded KV-group choice."""
-    from hgsp.adapters import adapter_for
+def llm_pruner_plan(run: Path, option: str):
+    """The pruning plan of ``run``, a results folder of ``--method llm_pruner`` (passed to
+    ``option``)."""
     from hgsp.errors import UserError
-    from hgsp.perplexity import perplexity
     from hgsp.plan import PruningPlan
-    from hgsp.surgery import apply_plan
 
     plan = PruningPlan.load(run / "analysis" / "pruning_plan.json")
     if plan.meta.get("method") != "llm_pruner":
         raise UserError(f"{run} was not pruned with --method llm_pruner "
-                        f"(method {plan.meta.get('method')!r}): pass such a run to --evaluate")
+                        f"(method {plan.meta.get('method')!r}): pass such a run to {option}")
+    return plan
+
+
+def perplexities(model, tokenizer, max_windows: int) -> dict:
+    """WikiText-2 and PTB perplexity at 128 tokens (``max_windows`` 0: the full test sets)."""
+    from hgsp.perplexity import perplexity
+
+    model.eval()
+    return {ds: round(perplexity(model, tokenizer, ds, 128, max_windows or None)["ppl"], 2)
+            for ds in ("wikitext2", "ptb")}
+
+
+def evaluate(model, tokenizer, run: Path, scores: dict, max_windows: int) -> dict:
+    """Perplexity of the run's plan and of the same plan with the folded KV-group choice."""
+    from hgsp.adapters import adapter_for
+    from hgsp.errors import UserError
+    from hgsp.surgery import apply_plan
+
+    plan = llm_pruner_plan(run, "--evaluate")
     if run_scoring(run) != "shared":
         raise UserError(f"{run} was pruned with --kv_group_scoring {run_scoring(run)}: pass a "
                         "run of the default (shared) scoring to --evaluate")
@@ -157,10 +174,7 @@ def evaluate(model, tokenizer, run: Path, scores: dict, max_windows: int) -> dic
     result = {"run": str(run), "pruning_ratio": plan.meta.get("pruning_ratio"),
               "layers_with_other_groups": swapped}
     for label, p in (("hgsp", plan), ("llm_pruner_folded", folded)):
-        pruned = apply_plan(model, adapter, p)
-        result[label] = {ds: round(perplexity(pruned, tokenizer, ds, 128,
-                                              max_windows or None)["ppl"], 2)
-                         for ds in ("wikitext2", "ptb")}
+        result[label] = perplexities(apply_plan(model, adapter, p), tokenizer, max_windows)
     return result
 
 

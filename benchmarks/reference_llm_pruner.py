@@ -98,17 +98,6 @@ def clone_commit(clone: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else "not a git checkout"
 
 
-def load_run(run: Path):
-    from hgsp.errors import UserError
-    from hgsp.plan import PruningPlan
-
-    plan = PruningPlan.load(run / "analysis" / "pruning_plan.json")
-    if plan.meta.get("method") != "llm_pruner":
-        raise UserError(f"{run} was not pruned with --method llm_pruner "
-                        f"(method {plan.meta.get('method')!r}): pass such a run to --run")
-    return plan
-
-
 def removed_counts(plan, head_dim: int) -> dict[int, tuple[int, int]]:
     """``{layer: (k_proj rows, MLP channels)}`` the run removes, for the layers it prunes."""
     out = {}
@@ -222,7 +211,7 @@ def same_tensors(a, b) -> bool:
 
 def check_run(tp, lp, model_dir: str, ids, run: Path) -> tuple[dict, object, dict]:
     """LLM-Pruner's code against one run: the record, its pruned model, and what the
-    evaluation needs (the base model and adapter, the run's plan and its choice as a plan)."""
+    evaluation needs (the base model, the run's plan and model, its choice as a plan)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -232,7 +221,7 @@ def check_run(tp, lp, model_dir: str, ids, run: Path) -> tuple[dict, object, dic
     from hgsp.errors import UserError
     from hgsp.surgery import apply_plan
 
-    plan = load_run(run)
+    plan = llm_pruner_grouping.llm_pruner_plan(run, "--run")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="eager")
     if model.config.model_type != "llama":
@@ -251,15 +240,8 @@ def check_run(tp, lp, model_dir: str, ids, run: Path) -> tuple[dict, object, dic
                              "hgsp_run": sum(p.numel() for p in run_model.parameters())},
               "hgsp_surgery_of_its_choice_is_identical": same_tensors(model, rebuilt),
               "hgsp_run_is_identical": same_tensors(model, run_model)}
-    return record, model, {"base": base, "adapter": adapter, "plan": plan, "its_plan": ref_plan}
-
-
-def perplexities(model, tokenizer, max_windows: int) -> dict:
-    from hgsp.perplexity import perplexity
-
-    model.eval()
-    return {ds: round(perplexity(model, tokenizer, ds, 128, max_windows or None)["ppl"], 2)
-            for ds in ("wikitext2", "ptb")}
+    return record, model, {"base": base, "plan": plan, "run_model": run_model,
+                           "its_plan": ref_plan}
 
 
 def main(argv=None) -> int:
@@ -268,10 +250,10 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     import exported_windows
+    import llm_pruner_grouping
 
     from hgsp.atomic import atomic_write
     from hgsp.errors import UserError
-    from hgsp.surgery import apply_plan
 
     args = parse_args(argv)
     warnings.filterwarnings("ignore", module="LLMPruner")  # its tracing warns on every op
@@ -284,10 +266,9 @@ def main(argv=None) -> int:
         for run in args.run:
             record, pruned, ctx = check_run(tp, lp, model_dir, ids, Path(run))
             if args.evaluate:
-                run_model = apply_plan(ctx["base"], ctx["adapter"], ctx["plan"])
                 record["perplexity"] = {
-                    "llm_pruner": perplexities(pruned, tokenizer, args.ppl_max_windows),
-                    "hgsp_run": perplexities(run_model, tokenizer, args.ppl_max_windows)}
+                    side: llm_pruner_grouping.perplexities(m, tokenizer, args.ppl_max_windows)
+                    for side, m in (("llm_pruner", pruned), ("hgsp_run", ctx["run_model"]))}
             runs.append(record)
             print(f"{run} ({record['kv_group_scoring']} scoring): same KV groups in "
                   f"{record['same_kv_groups']} of "
