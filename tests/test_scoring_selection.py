@@ -528,3 +528,27 @@ def test_auto_importance_norm_follows_the_pruning_ratio(ratio, expected):
         explicit = PruneConfig(base_model="m", output_name="o", pruning_ratio=ratio,
                                importance_norm=given)
         assert explicit.resolved_importance_norm == given
+
+
+def test_collapse_beyond_the_budget_is_reported(caplog):
+    """Layers 0 and 1 fall below a high ε; removing both whole is more than the budget, and
+    nothing outside them is selected to give back: the run says so and names the fix."""
+    from hgsp.methods import warn_collapse_overshoot
+
+    attn = torch.full((3, N_KV), 50.0 * C_ATTN)
+    mlp = torch.full((3, N_CH), 50.0 * C_MLP)
+    attn[:2] = 1e-3 * C_ATTN
+    mlp[:2] = 1e-3 * C_MLP
+    t = layout(attn, mlp, C_ATTN, C_MLP)
+    budget = 2 * (N_KV * C_ATTN) + 2 * C_MLP  # both layers' attention and two channels: 46
+    sel = select(t, budget, FIXED, epsilon=0.9)
+    assert sel.collapsed_layers == [0, 1]
+    assert sel.removed_params == 2 * LAYER_TOTAL > budget + C_ATTN
+    with caplog.at_level("WARNING", logger="hgsp.methods"):
+        warn_collapse_overshoot(sel, budget, C_ATTN, 0.9)
+    assert "lower --epsilon" in caplog.text and "[0, 1]" in caplog.text
+    caplog.clear()
+    within = select(t, budget, FIXED, epsilon=0.0)
+    with caplog.at_level("WARNING", logger="hgsp.methods"):
+        warn_collapse_overshoot(within, budget, C_ATTN, 0.0)
+    assert caplog.text == ""

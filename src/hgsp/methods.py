@@ -85,6 +85,18 @@ def select_hgsp(m: Measurements, adapter: Adapter, cfg, budget: int):
                                collapsible)
 
 
+def warn_collapse_overshoot(selection, budget: int, largest_group: int, epsilon: float) -> None:
+    """Say so when collapse removed more than the budget by over one group's cost: the layers
+    it removed whole hold more than the budget, and the rest of the model has nothing left to
+    give back (a high ε at a light ratio)."""
+    over = selection.removed_params - budget
+    if selection.collapsed_layers and over > largest_group:
+        log.warning("collapse (epsilon %.2f) removed layers %s whole, %s parameters more than "
+                    "the ratio asks for, with nothing left elsewhere to give back: lower "
+                    "--epsilon to meet --pruning_ratio", epsilon, selection.collapsed_layers,
+                    f"{over:,}")
+
+
 def llm_pruner_range(n_layers: int) -> tuple[int, int]:
     """LLM-Pruner's default ``range(4, 30)`` of LLaMA-7B's 32 layers, scaled to ``n_layers``."""
     return round(4 * n_layers / 32), n_layers - round(2 * n_layers / 32)

@@ -30,7 +30,8 @@ from .outputs import layer_summary, write_group_tables, write_layer_summary, \
     write_removal_analysis
 from .plan import PruningPlan, plan_from_selection
 from .save import ResultsDir, save_pruned_model, write_json
-from .methods import ACTIVATION_METHODS, IMPORTANCE_METHODS, Measurements, choose
+from .methods import (ACTIVATION_METHODS, IMPORTANCE_METHODS, Measurements, choose,
+                      warn_collapse_overshoot)
 from .scoring import GroupTable, ScoreInfo
 from .selection import Selection
 from .reconstruction import refit_outputs
@@ -162,9 +163,9 @@ def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig,
     """
     table, info, selection = choose(cfg.method, measured, adapter, cfg, budget, model)
     if uses_compensation(cfg):
-        overhead = bias_overhead(table, selection, adapter, constants=keeps_constants(cfg))
-        table, info, selection = choose(cfg.method, measured, adapter, cfg, budget + overhead,
-                                        model)
+        budget += bias_overhead(table, selection, adapter, constants=keeps_constants(cfg))
+        table, info, selection = choose(cfg.method, measured, adapter, cfg, budget, model)
+    warn_collapse_overshoot(selection, budget, int(table.cost.max()), cfg.epsilon)
     return table, info, selection
 
 
