@@ -65,14 +65,13 @@ def hybrid_model(base, pruned, plan, region: list[int]):
     """
     pruned_at = {lp.index: j for j, lp in enumerate(plan.kept_layers)}
     model = copy.deepcopy(base)
-    layers = []
+    layers, kept = [], []  # the hybrid's layers and the base indices they stand for
     for i, layer in enumerate(model.model.layers):
-        if i not in region:
-            layers.append(layer)
-        elif i in pruned_at:
-            layers.append(copy.deepcopy(pruned.model.layers[pruned_at[i]]))
+        if i in region and i not in pruned_at:
+            continue
+        layers.append(copy.deepcopy(pruned.model.layers[pruned_at[i]]) if i in region else layer)
+        kept.append(i)
     model.model.layers = type(model.model.layers)(layers)
-    kept = [i for i in range(plan.num_layers) if i not in region or i in pruned_at]
     model.config.num_hidden_layers = len(kept)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in kept]
@@ -81,7 +80,9 @@ def hybrid_model(base, pruned, plan, region: list[int]):
 
 
 def removed_params(base, model) -> int:
-    return sum(p.numel() for p in base.parameters()) - sum(p.numel() for p in model.parameters())
+    from hgsp.pipeline import count_params
+
+    return count_params(base) - count_params(model)
 
 
 def score(model, tokenizer, tasks: list[str], limit: int | None) -> dict:
