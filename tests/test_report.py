@@ -203,3 +203,17 @@ def test_report_states_the_importance_normalization_used(runs):
     assert "| importance normalization | per layer (auto, by the pruning ratio) |" in text
     assert "| gate threshold τ |" in text and "automatic: 25th percentile" in text
     assert "| importance normalization | not used |" in (plain / "report.md").read_text()
+
+
+def test_report_names_layers_the_ratio_kept_below_epsilon(runs, tmp_path):
+    evaluated, _ = runs
+    assert json.loads((evaluated / "summary.json").read_text())["layers"][
+        "kept_below_epsilon"] == []
+    assert "Kept below ε" not in (evaluated / "report.md").read_text()
+    copy = shutil.copytree(evaluated, tmp_path / "copy")
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["layers"]["kept_below_epsilon"] = [1]
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(copy)]) == 0
+    assert ("Kept below ε because removing them whole would exceed the ratio: 1 (layer 1)."
+            in (copy / "report.md").read_text())

@@ -333,6 +333,8 @@ def test_select_accounting_on_random_tables():
         assert sel.removed_params > budget - C_ATTN, trial
         if sel.collapsed_layers:
             assert sel.removed_params >= budget, trial
+        # collapse never takes more than the budget can give back (DESIGN.md §6)
+        assert sel.removed_params < budget + C_ATTN + FIXED.attn + FIXED.mlp, trial
         blocks = [(sel.attn_removed[l], sel.mlp_removed[l]) for l in range(N_LAYERS)]
         for l, (a, m) in enumerate(blocks):
             rows = t.layer == l
@@ -360,13 +362,21 @@ def test_no_layer_is_left_below_epsilon_after_fixed_cost_give_back():
 
 
 def test_no_layer_is_left_below_epsilon_on_random_tables():
+    """Only a layer the budget could not take whole stays below ε, and it is reported."""
     eps = 0.3
+    reported = 0
     for trial, t, budget in _random_tables():
         sel = select(t, budget, FIXED, epsilon=eps)
+        whole = sum(sel.layers_removed) * LAYER_TOTAL
         for l in range(N_LAYERS):
             removed = _recount(t, sel.selected & (t.layer == l))
-            if not sel.layers_removed[l]:
-                assert (LAYER_TOTAL - removed) / LAYER_TOTAL >= eps, (trial, l)
+            if not sel.layers_removed[l] and (LAYER_TOTAL - removed) / LAYER_TOTAL < eps:
+                assert l in sel.kept_below_epsilon, (trial, l)
+                assert whole + LAYER_TOTAL > budget + C_ATTN, (trial, l)
+        for l in sel.kept_below_epsilon:
+            assert not sel.layers_removed[l], (trial, l)
+        reported += bool(sel.kept_below_epsilon)
+    assert reported > 0  # the tables reach the case where the budget wins
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,25 +540,36 @@ def test_auto_importance_norm_follows_the_pruning_ratio(ratio, expected):
         assert explicit.resolved_importance_norm == given
 
 
-def test_collapse_beyond_the_budget_is_reported(caplog):
-    """Layers 0 and 1 fall below a high ε; removing both whole is more than the budget, and
-    nothing outside them is selected to give back: the run says so and names the fix."""
-    from hgsp.methods import warn_collapse_overshoot
+def test_budget_wins_over_epsilon_and_the_thinned_layer_is_reported(caplog):
+    """Layers 0 and 1 fall below a high ε, but removing both whole is more than the budget:
+    the emptiest is removed whole, the other stays thinned, the budget is met within one
+    group's cost, and the run names the layer and the fix."""
+    from hgsp.methods import warn_kept_below_epsilon
 
     attn = torch.full((3, N_KV), 50.0 * C_ATTN)
     mlp = torch.full((3, N_CH), 50.0 * C_MLP)
     attn[:2] = 1e-3 * C_ATTN
-    mlp[:2] = 1e-3 * C_MLP
+    mlp[0] = 1.5e-3 * C_MLP
+    mlp[1] = 2e-3 * C_MLP
     t = layout(attn, mlp, C_ATTN, C_MLP)
-    budget = 2 * (N_KV * C_ATTN) + 2 * C_MLP  # both layers' attention and two channels: 46
+    # the ranking takes both attention blocks and four of layer 0's channels: layer 0 keeps
+    # 7 of 41 parameters, layer 1 keeps 19 of 41, both below ε = 0.9
+    budget = 2 * (N_KV * C_ATTN) + 4 * C_MLP  # 52
+    assert LAYER_TOTAL < budget < 2 * LAYER_TOTAL - C_ATTN  # two are over by more than a group
     sel = select(t, budget, FIXED, epsilon=0.9)
-    assert sel.collapsed_layers == [0, 1]
-    assert sel.removed_params == 2 * LAYER_TOTAL > budget + C_ATTN
+    assert sel.collapsed_layers == [0] and sel.layers_removed[0]  # the emptier one
+    assert sel.kept_below_epsilon == [1] and not sel.layers_removed[1]
+    kept_1 = LAYER_TOTAL - _recount(t, sel.selected & (t.layer == 1))
+    assert 0 < kept_1 / LAYER_TOTAL < 0.9
+    assert budget <= sel.removed_params <= budget + C_ATTN + FIXED.attn  # a group and its block
     with caplog.at_level("WARNING", logger="hgsp.methods"):
-        warn_collapse_overshoot(sel, budget, C_ATTN, 0.9)
-    assert "lower --epsilon" in caplog.text and "[0, 1]" in caplog.text
+        warn_kept_below_epsilon(sel, 0.9)
+    assert "[1]" in caplog.text and "lower --epsilon" in caplog.text
     caplog.clear()
-    within = select(t, budget, FIXED, epsilon=0.0)
+    # a budget that holds both layers: both go whole, nothing is reported
+    roomy = select(t, 2 * LAYER_TOTAL - C_ATTN, FIXED, epsilon=0.9)
+    assert roomy.layers_removed[:2] == [True, True] and roomy.collapsed_layers
+    assert roomy.kept_below_epsilon == []
     with caplog.at_level("WARNING", logger="hgsp.methods"):
-        warn_collapse_overshoot(within, budget, C_ATTN, 0.0)
+        warn_kept_below_epsilon(roomy, 0.9)
     assert caplog.text == ""

@@ -85,16 +85,14 @@ def select_hgsp(m: Measurements, adapter: Adapter, cfg, budget: int):
                                collapsible)
 
 
-def warn_collapse_overshoot(selection, budget: int, largest_group: int, epsilon: float) -> None:
-    """Say so when collapse removed more than the budget by over one group's cost: the layers
-    it removed whole hold more than the budget, and the rest of the model has nothing left to
-    give back (a high ε at a light ratio)."""
-    over = selection.removed_params - budget
-    if selection.collapsed_layers and over > largest_group:
-        log.warning("collapse (epsilon %.2f) removed layers %s whole, %s parameters more than "
-                    "the ratio asks for, with nothing left elsewhere to give back: lower "
-                    "--epsilon to meet --pruning_ratio", epsilon, selection.collapsed_layers,
-                    f"{over:,}")
+def warn_kept_below_epsilon(selection, epsilon: float) -> None:
+    """Say so when the budget kept a layer below ε: the layers collapse would remove whole
+    held more than the budget (a high ε at a light ratio), so the emptiest stayed thinned."""
+    if selection.kept_below_epsilon:
+        log.warning("layers %s keep less than --epsilon %.2f of their parameters but stay "
+                    "thinned: removing them whole as well would remove more than "
+                    "--pruning_ratio; raise --pruning_ratio or lower --epsilon to remove them",
+                    selection.kept_below_epsilon, epsilon)
 
 
 def llm_pruner_range(n_layers: int) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from .outputs import layer_summary, write_group_tables, write_layer_summary, \
 from .plan import PruningPlan, plan_from_selection
 from .save import ResultsDir, save_pruned_model, write_json
 from .methods import (ACTIVATION_METHODS, IMPORTANCE_METHODS, Measurements, choose,
-                      warn_collapse_overshoot)
+                      warn_kept_below_epsilon)
 from .scoring import GroupTable, ScoreInfo
 from .selection import Selection
 from .reconstruction import refit_outputs
@@ -165,7 +165,7 @@ def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig,
     if uses_compensation(cfg):
         budget += bias_overhead(table, selection, adapter, constants=keeps_constants(cfg))
         table, info, selection = choose(cfg.method, measured, adapter, cfg, budget, model)
-    warn_collapse_overshoot(selection, budget, int(table.cost.max()), cfg.epsilon)
+    warn_kept_below_epsilon(selection, cfg.epsilon)
     return table, info, selection
 
 
@@ -382,6 +382,7 @@ def _summary(cfg, kind, total, decoder, pruned_total, pruned_decoder, budget, se
             "kept": sum(not r["layer_removed"] for r in rows),
             "removed": [r["layer"] for r in rows if r["layer_removed"]],
             "collapsed": selection.collapsed_layers,
+            "kept_below_epsilon": selection.kept_below_epsilon,
             "attn_blocks_removed": [r["layer"] for r in rows if r["attn_removed"]],
             "mlp_blocks_removed": [r["layer"] for r in rows if r["mlp_removed"]],
         },

@@ -471,6 +471,10 @@ def parameters_section(run: RunData) -> list:
              f"Attention blocks removed: {_count_text(attn)}.",
              f"MLP blocks removed: {_count_text(mlp)}.",
              "The block counts include the blocks of removed layers."]
+    thinned = lay.get("kept_below_epsilon") or []
+    if thinned:  # the ratio won over ε: say which layers stayed thin
+        facts.append(f"Kept below ε because removing them whole would exceed the ratio: "
+                     f"{_count_text(thinned)}.")
     return [Heading("Parameters"), Para(text),
             Table(["", "before", "after", "removed", "removed share"], rows),
             Para(" ".join(facts))]

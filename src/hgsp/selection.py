@@ -8,7 +8,7 @@ includes those, so the achieved ratio is the one the saved model has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,8 @@ class Selection:
     collapsed_layers: list[int]
     attn_removed: list[bool]
     mlp_removed: list[bool]
+    # layers left below ε because removing them whole would remove more than the budget
+    kept_below_epsilon: list[int] = field(default_factory=list)
 
     @property
     def layers_removed(self) -> list[bool]:
@@ -134,7 +136,9 @@ def select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float,
     Args:
         budget: parameters to remove from the decoder layers.
         epsilon: a layer keeping less than this fraction of its parameters is removed whole;
-            what that removes beyond the budget is given back elsewhere. 0 disables collapse.
+            what that removes beyond the budget is given back elsewhere. A layer whose removal
+            could not be given back (the whole layers would exceed the budget) stays thinned
+            and is listed in ``kept_below_epsilon``. 0 disables collapse.
         round_to: keep every MLP width a multiple of this (see :mod:`hgsp.rounding`).
         collapsible: bool per layer, the layers collapse may remove (default: all).
     """
@@ -156,24 +160,65 @@ def _select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float,
     selected = greedy_knapsack(table.score, table.cost, budget)
     totals = blocks.layer_totals()
     collapsed = torch.zeros(blocks.n_layers, dtype=torch.bool)
+    refused = torch.zeros(blocks.n_layers, dtype=torch.bool)
     while True:
         # Give back what wholly removed blocks (their fixed part) and collapsed layers removed
         # beyond the budget; then check again, since a give-back can leave a layer below ε.
         _give_back(table, blocks, selected, budget, collapsed)
         if epsilon <= 0:
             break
-        retained = 1 - blocks.layer_removed_params(selected) / totals
-        fully_removed = blocks.removed_blocks(selected).view(-1, 2).all(dim=1)
-        new = (retained < epsilon) & ~fully_removed & ~collapsed & collapsible
-        if not new.any():
+        below = _below_epsilon(blocks, selected, totals, epsilon) & ~collapsed & ~refused
+        below &= collapsible
+        if not below.any():
             break
-        collapsed |= new  # at least one new layer per pass, so the loop ends
-        selected |= new[table.layer]
-    return selection_from_mask(table, fixed, selected, torch.nonzero(collapsed).flatten().tolist())
+        gone = collapsed | blocks.removed_blocks(selected).view(-1, 2).all(dim=1)
+        grow, refuse = _collapse_within_budget(below, selected, blocks, totals, gone, budget)
+        collapsed |= grow  # every pass collapses or refuses at least one layer: the loop ends
+        refused |= refuse
+        selected |= grow[table.layer]
+    still_below = refused & _below_epsilon(blocks, selected, totals, epsilon)
+    return selection_from_mask(table, fixed, selected, torch.nonzero(collapsed).flatten().tolist(),
+                               torch.nonzero(still_below).flatten().tolist())
+
+
+def _below_epsilon(blocks: _Blocks, selected: torch.Tensor, totals: torch.Tensor,
+                   epsilon: float) -> torch.Tensor:
+    """Layers that keep less than ``epsilon`` of their parameters and are not already gone."""
+    retained = 1 - blocks.layer_removed_params(selected) / totals
+    fully_removed = blocks.removed_blocks(selected).view(-1, 2).all(dim=1)
+    return (retained < epsilon) & ~fully_removed
+
+
+def _collapse_within_budget(below: torch.Tensor, selected: torch.Tensor, blocks: _Blocks,
+                            totals: torch.Tensor, gone: torch.Tensor,
+                            budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the layers ``below`` ε into those to remove whole and those to leave thinned;
+    ``gone``: the layers already removed whole (collapsed, or wholly selected).
+
+    The budget wins over ε (DESIGN.md §6: the achieved ratio lands within one group's cost of
+    the target). What collapse removes beyond the budget is given back from the other layers,
+    which is only possible while the whole layers removed fit in the budget (give or take the
+    largest group); a layer that would break that stays thinned. The emptiest go first.
+    """
+    retained = 1 - blocks.layer_removed_params(selected) / totals
+    layers = torch.nonzero(below).flatten()
+    layers = layers[torch.sort(retained[layers], stable=True).indices]
+    grow = torch.zeros_like(below)
+    refuse = torch.zeros_like(below)
+    whole = float(totals[gone].sum())
+    limit = budget + int(blocks.cost.max())
+    for layer in layers.tolist():
+        if whole + float(totals[layer]) <= limit:
+            grow[layer] = True
+            whole += float(totals[layer])
+        else:
+            refuse[layer] = True
+    return grow, refuse
 
 
 def selection_from_mask(table: GroupTable, fixed: FixedCosts, selected: torch.Tensor,
-                        collapsed_layers: list[int] | None = None) -> Selection:
+                        collapsed_layers: list[int] | None = None,
+                        kept_below_epsilon: list[int] | None = None) -> Selection:
     """The :class:`Selection` of the groups ``selected`` marks, with what that removes."""
     blocks = _Blocks(table, fixed)
     removed_blocks = blocks.removed_blocks(selected).view(-1, 2)
@@ -181,6 +226,7 @@ def selection_from_mask(table: GroupTable, fixed: FixedCosts, selected: torch.Te
         selected=selected,
         removed_params=blocks.removed_params(selected),
         collapsed_layers=collapsed_layers or [],
+        kept_below_epsilon=kept_below_epsilon or [],
         attn_removed=removed_blocks[:, ATTN].tolist(),
         mlp_removed=removed_blocks[:, MLP].tolist(),
     )
