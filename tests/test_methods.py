@@ -482,3 +482,23 @@ def test_positional_kv_scoring_is_llm_pruners_only():
         cfg.validate()
     PruneConfig(base_model="m", output_name="o", method="llm_pruner",
                 kv_group_scoring="positional").validate()
+
+
+def test_high_epsilon_keeps_to_the_budget_end_to_end(tiny_model_dir, data_dir, tmp_path, caplog):
+    """ε=0.95 with every layer collapsible puts every touched layer below ε; the layers the
+    budget cannot hold whole stay thinned, are named, and the ratio is met."""
+    with caplog.at_level("WARNING", logger="hgsp"):
+        result = _run(tiny_model_dir, data_dir, tmp_path, "hgsp", epsilon=0.95,
+                      collapse_scope="all")
+    params, layers = result.summary["parameters"], result.summary["layers"]
+    layer_params = params["base_decoder"] // 4
+    assert layers["removed"] and layers["kept_below_epsilon"]
+    assert not set(layers["removed"]) & set(layers["kept_below_epsilon"])
+    assert len(layers["removed"]) * layer_params <= params["target_removed"] + layer_params // 4
+    assert abs(params["removed"] - params["target_removed"]) <= layer_params // 4
+    rows = (result.results_dir / "analysis" / "layer_summary.csv").read_text().splitlines()
+    for line in rows[1:]:
+        cells = line.split(",")
+        if int(cells[0]) in layers["kept_below_epsilon"]:
+            assert 0 < int(cells[-1]) < 0.95 * int(cells[-2])
+    assert f"layers {layers['kept_below_epsilon']} keep less than --epsilon 0.95" in caplog.text
