@@ -277,6 +277,37 @@ def test_replay_of_a_config_older_than_an_option(finished_run, tmp_path, capsys)
     assert replayed.get("arguments", replayed)["block_delta"] == "alone"
 
 
+def test_replay_does_not_carry_overwrite(finished_run, tmp_path, capsys):
+    """A config saved by an --overwrite run, replayed with one change into the same folder,
+    must not replace the run it came from unless this command line says --overwrite."""
+    saved = json.loads((finished_run / "logs" / "config.json").read_text())
+    saved.get("arguments", saved)["overwrite"] = True
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(saved))
+    plan = (finished_run / "analysis" / "pruning_plan.json").read_bytes()
+    code = main(["prune", "--config", str(config), "--results_dir", str(finished_run.parent),
+                 "--temperature", "2"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert (finished_run / "analysis" / "pruning_plan.json").read_bytes() == plan
+
+
+def test_pruning_a_pruned_model_is_refused(finished_run, data_dir, tmp_path, capsys):
+    code = main(["prune", "--base_model", str(finished_run / "models"), "--output_name", "again",
+                 "--pruning_ratio", "0.1", "--data_dir", str(data_dir), "--dataset", "c4",
+                 "--results_dir", str(tmp_path)])
+    assert code == 2
+    assert "was already pruned by hgsp: prune the original model" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:99"])
+def test_a_bad_device_is_one_line(device, tiny_model_dir, tmp_path, capsys):
+    code = main(["prune", "--base_model", str(tiny_model_dir), "--output_name", "d",
+                 "--pruning_ratio", "0.1", "--device", device, "--results_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"\nerror: --device {device}" in err and "Traceback" not in err
+
+
 def test_replay_bad_config(tmp_path, capsys):
     bad = tmp_path / "c.json"
     bad.write_text('{"something": 1}')
@@ -313,3 +344,19 @@ def test_exported_calibration_windows_are_the_runs(finished_run, tiny_model_dir,
     assert module.main(["--model", str(tiny_model_dir), "--data_dir", str(data_dir),
                         "--dataset", "nope", "--out_dir", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_ratio_that_empties_the_decoder_is_one_line(tiny_model_dir, data_dir, tmp_path,
+                                                      capsys):
+    """Just under the decoder's share, collapse would remove every layer; at or above it the
+    suggested limit is itself accepted."""
+    args = ["prune", "--base_model", str(tiny_model_dir), "--data_dir", str(data_dir),
+            "--dataset", "c4", "--results_dir", str(tmp_path), "--num_examples", "4",
+            "--seq_len", "16", "--analysis_samples", "2"]
+    assert main([*args, "--output_name", "over", "--pruning_ratio", "0.95"]) == 2
+    err = capsys.readouterr().err
+    limit = err.rsplit("use a ratio below ", 1)[1].strip()
+    assert main([*args, "--output_name", "under", "--pruning_ratio", limit]) == 2
+    err = capsys.readouterr().err
+    assert "removes all 4 decoder layers" in err and "Traceback" not in err
+    assert not (tmp_path / "over").exists() and not (tmp_path / "under").exists()

@@ -165,6 +165,9 @@ def test_hgsp_eval_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     (["--eval_ppl_datasets", "imagenet"], "unknown perplexity dataset 'imagenet'"),
     (["--eval_ppl_datasets", "ptb", "--data_dir", "/nonexistent"], "ptb/test is not in the local"),
     (["--run", "zeroshot", "--eval_zeroshot_tasks", "no_such_task"], "no_such_task"),
+    (["--eval_ppl_max_windows", "0"], "--eval_ppl_max_windows must be a positive integer"),
+    (["--run", "zeroshot", "--eval_zeroshot_limit", "-3"],
+     "--eval_zeroshot_limit must be a positive integer"),
 ])
 def test_hgsp_eval_bad_input(args, message, tiny_model_dir, data_dir, tmp_path, capsys,
                              monkeypatch):
@@ -177,3 +180,21 @@ def test_hgsp_eval_bad_input(args, message, tiny_model_dir, data_dir, tmp_path, 
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_base_results_are_cached_per_dtype(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """A float32 perplexity is not reused for the same model in bfloat16."""
+    from hgsp.evaluate import evaluate_model
+    from hgsp.modelio import load_model
+
+    monkeypatch.setenv("HGSP_CACHE_DIR", str(tmp_path / "cache"))
+    settings = parse_settings("ppl", "wikitext2", "16", "default", ppl_max_windows=2,
+                              data_dir=str(data_dir))
+    loaded = load_model(str(tiny_model_dir), torch.float32, "cpu")
+    first = evaluate_model(loaded.model, loaded.tokenizer, settings, fingerprint="fp")
+    again = evaluate_model(loaded.model, loaded.tokenizer, settings, fingerprint="fp")
+    assert first["cached"] == [] and again["cached"] == ["ppl"]
+    half = evaluate_model(loaded.model.to(torch.bfloat16), loaded.tokenizer, settings,
+                          fingerprint="fp")
+    assert half["cached"] == []
+    assert half["ppl"]["wikitext2"]["16"]["ppl"] != first["ppl"]["wikitext2"]["16"]["ppl"]

@@ -100,6 +100,19 @@ def test_failed_swap_puts_earlier_result_back(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def test_a_result_created_meanwhile_is_not_replaced_without_overwrite(tmp_path):
+    """Two runs with one --output_name: the one finishing second keeps its results aside."""
+    with pytest.raises(UserError, match=r"was created by another run while this one worked: "
+                       r"this run's results are in '.*run-[0-9a-f]{8}'"):
+        with ResultsDir(tmp_path, "run", overwrite=False) as results:
+            results.path("summary.json").write_text("new")
+            earlier_result(tmp_path)  # the other run publishes first
+    assert (tmp_path / "run" / "summary.json").read_text() == "earlier"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("run-")]
+    assert len(kept) == 1 and (kept[0] / "summary.json").read_text() == "new"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_cli_names_a_full_disk_outside_a_run(tmp_path, capsys, monkeypatch):
     """e.g. ``hgsp eval --output`` or ``hgsp compare --output`` on a full disk."""
     target = tmp_path / "evaluation_results.json"

@@ -264,8 +264,10 @@ def _replay_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         sys.stderr.write(f"warning: --config '{known.config}' predates {', '.join(missing)}: "
                          "replaying with " + ", ".join(f"{k}={v}" for k, v in missing.items())
                          + ", as that run scored\n")
+    # --overwrite is never replayed: a replay that changes one setting must not replace the
+    # run it came from unless this command line says so
     parser.prune_parser.set_defaults(**{k: v for k, v in {**arguments, **missing}.items()
-                                        if k in names})
+                                        if k in names and k != "overwrite"})
 
 
 def main(argv: list[str] | None = None) -> int:

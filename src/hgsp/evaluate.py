@@ -72,11 +72,12 @@ class EvalSettings:
     batch_sizes: tuple[int, ...] = (1, 8)
     data_dir: str | None = None
 
-    def cache_key(self, fingerprint: str, kind: str) -> str:
-        relevant = {"ppl": ("ppl_datasets", "ppl_seq_lens", "ppl_max_windows"),
-                    "zeroshot": ("zeroshot_tasks", "zeroshot_limit")}[kind]
+    def cache_key(self, fingerprint: str, kind: str, placement: str) -> str:
+        """``placement``: the model's dtype and device type, which change the numbers."""
+        relevant = {"ppl": ("ppl_datasets", "ppl_seq_lens", "ppl_max_windows", "data_dir"),
+                    "zeroshot": ("zeroshot_tasks", "zeroshot_limit", "data_dir")}[kind]
         payload = {k: getattr(self, k) for k in relevant}
-        payload.update(fingerprint=fingerprint, kind=kind, hgsp=__version__)
+        payload.update(fingerprint=fingerprint, kind=kind, hgsp=__version__, placement=placement)
         if kind == "zeroshot":  # results now hold per-document outcomes: older ones lack them
             payload["documents"] = True
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -108,6 +109,10 @@ def parse_settings(kinds: str | list[str], ppl_datasets: str, ppl_seq_len: str,
             from None
     if not seq_lens or min(seq_lens) < 2:
         raise UserError("--eval_ppl_seq_len needs window lengths of at least 2 tokens")
+    for name, value in (("eval_ppl_max_windows", ppl_max_windows),
+                        ("eval_zeroshot_limit", zeroshot_limit)):
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be a positive integer, got {value}")
     tasks: list[str] = []
     if "zeroshot" in kinds:
         from .zeroshot import resolve_tasks
@@ -149,11 +154,18 @@ def _cache_dir() -> Path:
     return cache_root() / "eval"
 
 
-def _cached(settings: EvalSettings, fingerprint: str | None, kind: str, compute):
-    """``compute()``, or its earlier result for the same model and settings."""
+def _placement(model) -> str:
+    """``torch.float32@cpu``: a base model's results hold only for its dtype and device."""
+    weight = next(model.parameters())
+    return f"{weight.dtype}@{weight.device.type}"
+
+
+def _cached(settings: EvalSettings, fingerprint: str | None, kind: str, placement: str,
+            compute):
+    """``compute()``, or its earlier result for the same model, placement and settings."""
     if fingerprint is None:
         return compute(), False
-    path = _cache_dir() / f"{settings.cache_key(fingerprint, kind)}.json"
+    path = _cache_dir() / f"{settings.cache_key(fingerprint, kind, placement)}.json"
     if path.is_file():
         log.info("%s of the base model: cached result %s", kind, path)
         return json.loads(path.read_text()), True
@@ -166,12 +178,13 @@ def evaluate_model(model, tokenizer, settings: EvalSettings, folder: str | None 
                    fingerprint: str | None = None) -> dict:
     """Every requested evaluation of one model; ``fingerprint`` enables the cache."""
     out: dict = {"cached": []}
+    placement = _placement(model)
     if "ppl" in settings.kinds:
         def ppl():
             return {d: {str(s): perplexity(model, tokenizer, d, s, settings.ppl_max_windows,
                                            settings.data_dir)
                         for s in settings.ppl_seq_lens} for d in settings.ppl_datasets}
-        out["ppl"], hit = _cached(settings, fingerprint, "ppl", ppl)
+        out["ppl"], hit = _cached(settings, fingerprint, "ppl", placement, ppl)
         if hit:
             out["cached"].append("ppl")
     if "zeroshot" in settings.kinds:
@@ -182,7 +195,7 @@ def evaluate_model(model, tokenizer, settings: EvalSettings, folder: str | None 
                                 limit=settings.zeroshot_limit,
                                 batch_size=settings.zeroshot_batch_size,
                                 data_root=default_data_roots(settings.data_dir))
-        out["zeroshot"], hit = _cached(settings, fingerprint, "zeroshot", zeroshot)
+        out["zeroshot"], hit = _cached(settings, fingerprint, "zeroshot", placement, zeroshot)
         if hit:
             out["cached"].append("zeroshot")
     if "efficiency" in settings.kinds:

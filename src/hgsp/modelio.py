@@ -163,7 +163,10 @@ def load_pruned_bin(path: Path, dtype: torch.dtype = torch.float32):
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise UserError(f"cannot read '{path}' as an hgsp pruned model: {_first_line(exc)}") from None
+        # torch's own message suggests weights_only=False: advice not to pass on
+        reason = ("it holds pickled objects besides tensors, which hgsp does not load"
+                  if "Weights only load failed" in str(exc) else _first_line(exc))
+        raise UserError(f"cannot read '{path}' as an hgsp pruned model: {reason}") from None
     if not isinstance(blob, dict) or blob.get("format") != PRUNED_BIN_FORMAT:
         raise UserError(f"'{path}' is not a pruned_model.bin written by hgsp")
     config = config_from_dict(json.loads(blob["config"]))

@@ -7,7 +7,9 @@ strings them together, times them, and writes the results folder atomically.
 from __future__ import annotations
 
 import logging
+import math
 import platform
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,12 +75,27 @@ def decoder_params(model: torch.nn.Module, adapter: Adapter) -> int:
 
 
 def resolve_device(name: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``, checked before any model is loaded."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device {name} is not a device: use cpu, cuda, cuda:N or auto")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no CUDA GPU is available: use "
                         "--device cpu")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if name.startswith("cuda") and index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                        f"GPU(s), numbered from 0")
     return name
+
+
+def _refuse_pruned(config, base_model: str) -> None:
+    """A model hgsp already pruned has per-layer widths the group table cannot describe."""
+    if getattr(config, "model_type", "").startswith("hgsp_"):
+        raise UserError(f"{base_model} was already pruned by hgsp: prune the original model "
+                        "again with the total --pruning_ratio you want (its summary.json names "
+                        "it as base_model)")
 
 
 def removal_budget(total: int, decoder: int, ratio: float) -> int:
@@ -87,7 +104,8 @@ def removal_budget(total: int, decoder: int, ratio: float) -> int:
     if budget >= decoder:
         raise UserError(f"--pruning_ratio {ratio} asks to remove {budget:,} of {total:,} "
                         f"parameters, but the decoder layers hold only {decoder:,} "
-                        f"({decoder / total:.1%}): use a ratio below {decoder / total:.3f}")
+                        f"({decoder / total:.1%}): use a ratio below "
+                        f"{math.floor(decoder / total * 1000) / 1000:.3f}")
     return budget
 
 
@@ -166,6 +184,11 @@ def score_and_select(measured: Measurements, adapter: Adapter, cfg: PruneConfig,
         budget += bias_overhead(table, selection, adapter, constants=keeps_constants(cfg))
         table, info, selection = choose(cfg.method, measured, adapter, cfg, budget, model)
     warn_kept_below_epsilon(selection, cfg.epsilon)
+    if all(selection.layers_removed):
+        raise UserError(f"--pruning_ratio {cfg.pruning_ratio} removes all "
+                        f"{len(selection.layers_removed)} decoder layers (with --epsilon "
+                        f"{cfg.epsilon}, the nearly empty ones collapse): use a lower "
+                        "--pruning_ratio or --epsilon")
     return table, info, selection
 
 
@@ -223,6 +246,7 @@ def prune(cfg: PruneConfig) -> PruneResult:
             corpus = load_corpus(cfg.dataset, "train", cfg.data_dir) if needs_data else None
             loaded = load_model(cfg.base_model, dtype, device, cfg.device_map)
         model, tokenizer = loaded.model, loaded.tokenizer
+        _refuse_pruned(model.config, cfg.base_model)
         adapter = adapter_for(model.config)
         total, decoder = count_params(model), decoder_params(model, adapter)
         budget = removal_budget(total, decoder, cfg.pruning_ratio)

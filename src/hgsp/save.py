@@ -151,6 +151,13 @@ class ResultsDir:
 
     def _publish(self) -> None:
         """Swap the finished folder in; the earlier result is deleted only once it is."""
+        if self.final.exists() and not self.overwrite:
+            # another run took the name while this one worked: neither result is lost
+            kept = self.parent / f"{self.final.name}-{uuid.uuid4().hex[:8]}"
+            self.tmp.rename(kept)
+            raise UserError(f"results folder '{self.final}' was created by another run while "
+                            f"this one worked: this run's results are in '{kept}' (rename it, "
+                            "or pass --overwrite to replace)")
         old = None
         if self.final.exists():
             old = self.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
