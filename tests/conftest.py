@@ -130,7 +130,8 @@ def write_tiny_model(folder, arch: str = "llama", seed: int = 0):
 
 
 def write_data_dir(folder, n_docs: int = 300):
-    """A local data directory with a C4-style JSONL and WikiText-2 / PTB style test files."""
+    """A local data directory with a C4-style JSONL, a WikiText-2 style test file and PTB
+    style test and validation files."""
     import json
 
     docs = synthetic_documents(n_docs, seed=1)
@@ -142,6 +143,7 @@ def write_data_dir(folder, n_docs: int = 300):
     (folder / "wikitext2" / "wiki.test.raw").write_text("\r\n".join(docs[:40]) + "\r\n")
     (folder / "ptb").mkdir(exist_ok=True)
     (folder / "ptb" / "ptb.test.txt").write_text("\n".join(docs[40:80]) + "\n")
+    (folder / "ptb" / "ptb.valid.txt").write_text("\n".join(docs[80:120]) + "\n")
     return folder
 
 

@@ -142,3 +142,26 @@ def test_prune_calibrates_on_a_mix(tiny_model_dir, tmp_path, capsys):
     corpus = summary["calibration"]["corpus"]
     assert "c4_demo.jsonl" in corpus and "alpaca_en_demo.json" in corpus
     assert summary["parameters"]["achieved_ratio_total"] == pytest.approx(0.3, abs=0.02)
+
+
+@pytest.mark.parametrize("split, kept", [("train", 3000), ("validation", 1100)])
+def test_hub_c4_keeps_a_bounded_slice_of_its_shard(split, kept, tmp_path, monkeypatch):
+    """Online C4 is a 356k-document shard: only its first documents are kept (the loader is
+    replaced here, as the Hub is not reachable in tests)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(repo, data_files=None, split=None, **_):
+        calls.append((repo, data_files))
+        return datasets.Dataset.from_dict({"text": [f"document {i}" for i in range(5000)]})
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HGSP_DATA_DIR", raising=False)
+    monkeypatch.setenv("HGSP_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = load_corpus("c4", split, str(tmp_path / "empty"))
+    assert calls and calls[0][0] == "allenai/c4"
+    assert len(corpus.documents) == kept and corpus.documents[-1] == f"document {kept - 1}"
+    assert corpus.origin.startswith("hub:allenai/c4")

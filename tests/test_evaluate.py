@@ -94,6 +94,15 @@ def test_efficiency_figures_and_fewer_macs():
     assert ep["macs_per_token"]["attention"] < eb["macs_per_token"]["attention"]
     r = ratios(ep, eb)
     assert 0 < r["parameters"] < 1 and 0 < r["macs_per_token"] < 1
+    # the compared memory is each model's own: at least its weights, and the process peak
+    # (which holds both models here) is not what the ratio uses
+    for e in (eb, ep):
+        mem = e["peak_memory"]
+        assert e["weight_bytes"] <= mem["model_bytes"]
+        assert mem["model_bytes"] - e["weight_bytes"] == max(0, mem["peak_bytes"]
+                                                             - mem["start_bytes"])
+    assert r["model_memory"] == ep["peak_memory"]["model_bytes"] / eb["peak_memory"]["model_bytes"]
+    assert "peak_memory" not in r
 
 
 def _pass(decode: float, prefill: float, peak: int) -> dict:
@@ -198,3 +207,21 @@ def test_base_results_are_cached_per_dtype(tiny_model_dir, data_dir, tmp_path, m
                           fingerprint="fp")
     assert half["cached"] == []
     assert half["ppl"]["wikitext2"]["16"]["ppl"] != first["ppl"]["wikitext2"]["16"]["ppl"]
+
+
+def test_ptb_validation_is_its_own_evaluation_set(tiny_model_dir, data_dir):
+    """DESIGN.md §8 asks for PTB test and validation: ``ptb_val`` scores the validation text."""
+    from hgsp.data import load_corpus
+    from hgsp.modelio import load_model
+    from hgsp.perplexity import perplexity
+
+    settings = parse_settings("ppl", "ptb,ptb_val", "16", "default", ppl_max_windows=2,
+                              data_dir=str(data_dir))
+    assert settings.ppl_datasets == ["ptb", "ptb_val"]
+    loaded = load_model(str(tiny_model_dir), torch.float32, "cpu")
+    test = perplexity(loaded.model, loaded.tokenizer, "ptb", 16, 2, str(data_dir))
+    val = perplexity(loaded.model, loaded.tokenizer, "ptb_val", 16, 2, str(data_dir))
+    assert (test["split"], val["split"]) == ("test", "validation")
+    assert val["dataset"] == "ptb_val" and val["ppl"] != test["ppl"]
+    assert load_corpus("ptb", "validation", str(data_dir)).documents != \
+        load_corpus("ptb", "test", str(data_dir)).documents

@@ -326,7 +326,8 @@ def test_standalone_finetune_command(finetuned_run, workspace):
     assert set(doc["models"]) == {"pruned", "finetuned"} and "vs_pruned" in doc["finetuned_ratios"]
 
 
-@pytest.mark.parametrize("case", ["missing", "malformed", "too_many", "bad_model", "results"])
+@pytest.mark.parametrize("case", ["missing", "malformed", "too_many", "bad_model", "results",
+                                  "cutoff", "cutoff_finetune"])
 def test_bad_input_exits_2_without_results(case, workspace, finetuned_run, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("[{\"instruction\": \"x\"}]")
@@ -334,12 +335,18 @@ def test_bad_input_exits_2_without_results(case, workspace, finetuned_run, tmp_p
     extra = ["--finetune_data_path", data_flag] if data_flag else []
     if case == "too_many":
         extra = ["--finetune_samples", "1000"]
+    if case == "cutoff":  # no response token fits: found before calibration, not after saving
+        extra = ["--finetune_samples", "8", "--finetune_val_samples", "4",
+                 "--finetune_cutoff_len", "3"]
     name = f"bad_{case}"
-    if case in ("bad_model", "results"):
-        model = tmp_path if case == "bad_model" else finetuned_run
+    if case in ("bad_model", "results", "cutoff_finetune"):
+        model = {"bad_model": tmp_path, "results": finetuned_run}.get(
+            case, finetuned_run / "models")
         args = ["finetune", "--model", str(model), "--output_name", name, "--results_dir",
                 str(workspace["root"] / "results"), "--data_dir", str(workspace["data"]),
                 *QUICK_FLAGS]
+        if case == "cutoff_finetune":  # found before the "before" evaluation
+            args += ["--finetune_cutoff_len", "3", "--run_evaluation", "ppl"]
     else:
         args = prune_args(workspace, name, "--finetune", *extra)
     assert main(args) == 2
@@ -348,7 +355,10 @@ def test_bad_input_exits_2_without_results(case, workspace, finetuned_run, tmp_p
     assert not any("Traceback" in line for line in err)
     expected = {"missing": "does not exist", "malformed": "no text field 'output'",
                 "too_many": "--finetune_samples 1000", "bad_model": "no config.json",
-                "results": "is a results folder"}[case]
+                "results": "is a results folder",
+                "cutoff": "no training example keeps any response token",
+                "cutoff_finetune": "no training example keeps any response token"}[case]
     assert expected in err[-1]
+    assert not any("stage: calibration" in line or "perplexity" in line for line in err)
     leftovers = [p.name for p in (workspace["root"] / "results").iterdir() if name in p.name]
     assert leftovers == []

@@ -250,6 +250,15 @@ def _tokenize_with_boundary(tokenizer, prompt: str, full: str) -> tuple[list[int
     return ids, n_prompt
 
 
+def check_cutoff(tokenizer, data: FinetuneData, cutoff_len: int) -> None:
+    """Fail now, not after pruning or an evaluation, if no example of a set keeps a response
+    token within ``cutoff_len`` (stops at the first one that does)."""
+    for what, records in (("training", data.train), ("validation", data.val)):
+        if records and not any(encode(tokenizer, r, cutoff_len) is not None for r in records):
+            raise UserError(f"no {what} example keeps any response token within "
+                            f"--finetune_cutoff_len {cutoff_len}: raise it")
+
+
 def encode_all(tokenizer, records: list[dict], cutoff_len: int, what: str) -> list[dict]:
     """Encode records, dropping (and counting) those with no response token left."""
     examples = [e for e in (encode(tokenizer, r, cutoff_len) for r in records) if e is not None]

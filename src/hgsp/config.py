@@ -135,7 +135,8 @@ class PruneConfig:
                               "torch.load(weights_only=True))", negatable=True)
     run_evaluation: str | None = _f(None, "evaluations after pruning, comma-separated: ppl, "
                                           "zeroshot, efficiency, or all")
-    eval_ppl_datasets: str = _f("wikitext2,ptb", "perplexity datasets (wikitext2, ptb, c4)")
+    eval_ppl_datasets: str = _f("wikitext2,ptb", "perplexity datasets (wikitext2, ptb, ptb_val, "
+                                                 "c4; ptb_val is PTB's validation split)")
     eval_ppl_seq_len: str = _f("128", "perplexity window lengths, comma-separated (e.g. 128,2048)")
     eval_ppl_max_windows: int | None = _f(None, "evaluate only the first N perplexity windows "
                                                 "(quick looks; recorded in the results)")

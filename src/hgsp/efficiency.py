@@ -3,7 +3,10 @@
 Timings are medians over repeats after a warm-up, greedy decoding with the KV cache, the
 same prompt for every model, so a base and a pruned model measured in one process compare
 fairly. Peak memory is the CUDA allocator's peak on a GPU and the process's resident set size
-(sampled while the model runs) on a CPU.
+(sampled while the model runs) on a CPU. Both count whatever else the process holds (the
+other model of a comparison, Python, torch), so the figure compared between models is the
+model's own: its weights plus what running it added above the memory in use when it started
+(activations, KV cache). On a CPU that growth is a lower bound, as freed memory is reused.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ def peak_memory(device: torch.device):
     result: dict = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        result["start_bytes"] = torch.cuda.memory_allocated(device)
         yield result
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         result["kind"] = "cuda_allocator"
@@ -82,6 +87,7 @@ def peak_memory(device: torch.device):
         result["peak_bytes"], result["kind"] = None, "unavailable"
         return
     peak = [_rss_bytes()]
+    result["start_bytes"] = peak[0]
     stop = threading.Event()
 
     def sample():
@@ -125,7 +131,7 @@ def speed(model, prompt_len: int = 128, new_tokens: int = 32, batch_sizes=(1, 8)
     gen = torch.Generator().manual_seed(seed)
     model.eval()
     result = {"prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats}
-    for batch in batch_sizes:
+    for batch in tqdm(batch_sizes, desc="speed (batch sizes)", leave=False):
         ids = torch.randint(3, vocab, (batch, prompt_len), generator=gen).to(device)
 
         def generate(n):
@@ -148,12 +154,16 @@ def efficiency(model, folder: str | None = None, prompt_len: int = 128, new_toke
                batch_sizes=(1, 8), repeats: int = 3) -> dict:
     """Every efficiency figure of one model."""
     device = model.get_input_embeddings().weight.device
+    log.info("efficiency: timing batch sizes %s, %d repeats each", list(batch_sizes), repeats)
     with peak_memory(device) as mem:
         timing = speed(model, prompt_len, new_tokens, batch_sizes, repeats)
+    weights = weight_bytes(model)
+    if mem.get("peak_bytes") is not None:
+        mem["model_bytes"] = weights + max(0, mem["peak_bytes"] - mem["start_bytes"])
     return {
         "parameters": parameter_counts(model),
         "macs_per_token": macs_per_token(model, context=prompt_len),
-        "weight_bytes": weight_bytes(model),
+        "weight_bytes": weights,
         "disk_bytes": folder_bytes(folder),
         "speed": timing,
         "peak_memory": mem,
@@ -176,9 +186,11 @@ def ratios(pruned: dict, base: dict) -> dict:
             b = base["speed"][key]
             out[f"{key}_prefill_speedup"] = b["prefill_latency_s"] / value["prefill_latency_s"]
             out[f"{key}_decode_speedup"] = value["decode_tokens_per_s"] / b["decode_tokens_per_s"]
-    pm, bm = pruned["peak_memory"].get("peak_bytes"), base["peak_memory"].get("peak_bytes")
+    # the models' own memory; a process peak also holds the other model (older results files
+    # have only that, and get no ratio)
+    pm, bm = pruned["peak_memory"].get("model_bytes"), base["peak_memory"].get("model_bytes")
     if pm and bm:
-        out["peak_memory"] = pm / bm
+        out["model_memory"] = pm / bm
     return out
 
 

@@ -141,7 +141,7 @@ def check_data(settings: EvalSettings) -> None:
         from .data import load_corpus
 
         for dataset in settings.ppl_datasets:
-            load_corpus(dataset, EVAL_SPLITS[dataset], settings.data_dir)
+            load_corpus(*EVAL_SPLITS[dataset], settings.data_dir)
     if "zeroshot" in settings.kinds:
         from .zeroshot import check_task_data, default_data_roots
 

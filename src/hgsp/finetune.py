@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .alpaca import FinetuneData, collate, encode_all, load_instructions, select_examples
+from .alpaca import FinetuneData, check_cutoff, collate, encode_all, load_instructions, \
+    select_examples
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -552,6 +553,7 @@ def finetune_command(model_spec: str, output_name: str, settings: FinetuneSettin
                             "`hgsp eval --model RESULTS/NAME/models`")
         check_data(evaluation)
     loaded, device = _load_input(model_spec, dtype, device)
+    check_cutoff(loaded.tokenizer, data, settings.cutoff_len)  # before the "before" evaluation
     source = str(Path(model_spec).expanduser().resolve()) if Path(model_spec).exists() \
         else model_spec
     folder = model_spec if Path(model_spec).is_dir() else None

@@ -21,8 +21,10 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-# The split each evaluation dataset is scored on.
-EVAL_SPLITS = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
+# Evaluation set -> (corpus, split) it is scored on. PTB is reported on both splits in the
+# literature (LLM-Pruner's tables use validation), so both are offered.
+EVAL_SPLITS = {"wikitext2": ("wikitext2", "test"), "ptb": ("ptb", "test"),
+               "ptb_val": ("ptb", "validation"), "c4": ("c4", "validation")}
 
 
 def eval_token_ids(tokenizer, corpus: Corpus) -> torch.Tensor:
@@ -88,7 +90,7 @@ def nll_function(model):
 def perplexity(model, tokenizer, dataset: str, seq_len: int, max_windows: int | None = None,
                data_dir: str | None = None) -> dict:
     """Perplexity of ``model`` on the evaluation split of ``dataset``."""
-    corpus = load_corpus(dataset, EVAL_SPLITS[dataset], data_dir)
+    corpus = load_corpus(*EVAL_SPLITS[dataset], data_dir)
     result = perplexity_of_ids(model, eval_token_ids(tokenizer, corpus), seq_len, max_windows)
     result.update(dataset=dataset, split=corpus.split, source=corpus.origin)
     log.info("%s/%s @%d: ppl %.3f over %d windows", dataset, corpus.split, seq_len,

@@ -247,6 +247,9 @@ def prune(cfg: PruneConfig) -> PruneResult:
             loaded = load_model(cfg.base_model, dtype, device, cfg.device_map)
         model, tokenizer = loaded.model, loaded.tokenizer
         _refuse_pruned(model.config, cfg.base_model)
+        if ft_data is not None:  # the tokenizer is needed to check the cutoff: now, not later
+            from .alpaca import check_cutoff
+            check_cutoff(tokenizer, ft_data, cfg.finetune_cutoff_len)
         adapter = adapter_for(model.config)
         total, decoder = count_params(model), decoder_params(model, adapter)
         budget = removal_budget(total, decoder, cfg.pruning_ratio)

@@ -677,7 +677,10 @@ def _efficiency_rows(eff: dict) -> dict[str, tuple[float | None, callable]]:
         rows[f"decode speed, batch {batch}"] = (sp["decode_tokens_per_s"],
                                                 lambda v: f"{v:,.1f} tok/s")
     mem = eff.get("peak_memory", {})
-    rows[f"peak memory ({mem.get('kind', '?')})"] = (mem.get("peak_bytes"), fmt_bytes)
+    if "model_bytes" in mem:  # the model's own: weights + what running it added
+        rows["memory of the model (weights + working)"] = (mem["model_bytes"], fmt_bytes)
+    rows[f"peak memory of the process ({mem.get('kind', '?')})"] = (mem.get("peak_bytes"),
+                                                                   fmt_bytes)
     return rows
 
 
