@@ -175,6 +175,7 @@ def test_hgsp_eval_end_to_end(tiny_model_dir, data_dir, tmp_path, capsys):
     (["--eval_ppl_datasets", "ptb", "--data_dir", "/nonexistent"], "ptb/test is not in the local"),
     (["--run", "zeroshot", "--eval_zeroshot_tasks", "no_such_task"], "no_such_task"),
     (["--eval_ppl_max_windows", "0"], "--eval_ppl_max_windows must be a positive integer"),
+    (["--output", ".", "--overwrite"], "--output '.' is a folder: name the results file"),
     (["--run", "zeroshot", "--eval_zeroshot_limit", "-3"],
      "--eval_zeroshot_limit must be a positive integer"),
 ])

@@ -217,3 +217,57 @@ def test_report_names_layers_the_ratio_kept_below_epsilon(runs, tmp_path):
     assert main(["report", str(copy)]) == 0
     assert ("Kept below ε because removing them whole would exceed the ratio: 1 (layer 1)."
             in (copy / "report.md").read_text())
+
+
+def test_compare_merges_what_each_run_measured_of_their_base(runs, tmp_path, capsys):
+    """One run scored the base's perplexity, another its zero-shot accuracy: one base row
+    with both."""
+    evaluated, _ = runs
+    other = shutil.copytree(evaluated, tmp_path / "other")
+    path = other / "evaluation" / "evaluation_results.json"
+    doc = json.loads(path.read_text())
+    del doc["models"]["base"]["ppl"]
+    doc["models"]["base"]["zeroshot"] = {"tasks": {"piqa": {"acc": 0.6, "acc_norm": 0.6,
+                                                            "n": 10}},
+                                         "mean_acc": 0.6, "mean_acc_norm": 0.6}
+    path.write_text(json.dumps(doc))
+    assert main(["compare", str(evaluated), str(other), "--output", str(tmp_path / "c")]) == 0
+    base_rows = [r for r in (tmp_path / "c" / "comparison.csv").read_text().splitlines()
+                 if r.startswith("base: ")]
+    assert len(base_rows) == 1
+    cells = base_rows[0].split(",")
+    assert "0.6" in cells and any(c.replace(".", "", 1).isdigit() and float(c) > 1
+                                  for c in cells[7:])  # zero-shot and a perplexity
+
+
+def test_compare_output_that_is_a_file_is_one_line(runs, tmp_path, capsys):
+    evaluated, _ = runs
+    (tmp_path / "taken").write_text("x")
+    assert main(["compare", str(evaluated), "--output", str(tmp_path / "taken")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "x"
+
+
+@pytest.mark.parametrize("method, expected", [("hgsp", "H-GSP scores of all"),
+                                              ("flap", "flap scores of all")])
+def test_score_picture_names_the_methods_own_score(method, expected, runs, tmp_path,
+                                                   monkeypatch):
+    from hgsp import plots
+    from hgsp.report import load_run, make_pictures
+
+    evaluated, _ = runs
+    copy = shutil.copytree(evaluated, tmp_path / "copy")
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["method"] = method
+    (copy / "summary.json").write_text(json.dumps(summary))
+    seen = {}
+
+    def capture(*args, title="", score_name="", **kwargs):
+        seen.update(title=title, score_name=score_name)
+        return args[4]
+
+    monkeypatch.setattr(plots, "score_plot", capture)
+    make_pictures(load_run(copy), tmp_path / "pictures")
+    assert seen["title"].startswith(expected)
+    assert ("H-GSP" in seen["score_name"]) == (method == "hgsp")
+    assert ("T =" in seen["title"]) == (method == "hgsp")

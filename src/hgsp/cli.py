@@ -201,6 +201,9 @@ def _run(args: argparse.Namespace) -> int:
                                   args.eval_zeroshot_tasks, args.eval_ppl_max_windows,
                                   args.eval_zeroshot_limit, args.data_dir)
         output = Path(args.output)
+        if output.is_dir():
+            raise UserError(f"--output '{output}' is a folder: name the results file, e.g. "
+                            f"{output / 'evaluation_results.json'}")
         if output.exists() and not args.overwrite:
             raise UserError(f"'{output}' already exists: choose another --output or pass "
                             "--overwrite")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write
+from .errors import UserError
 from .report import (
     RunData,
     decode_speed,
@@ -168,9 +169,14 @@ def compare_runs(folders: list[str | os.PathLike]) -> Comparison:
     bases: dict[str, dict] = {}
     for run in runs:
         row = _base_row(run)
-        # One row per base model: a sweep of ratios shares it.
-        if row is not None and run.summary["base_model"] not in bases:
-            bases[run.summary["base_model"]] = row
+        if row is None:
+            continue
+        # One row per base model, a sweep of ratios shares it: each run fills in what the
+        # earlier ones did not measure (one scored perplexity, another zero-shot).
+        shared = bases.setdefault(run.summary["base_model"], row)
+        for key, value in row.items():
+            if shared.get(key) is None and value is not None:
+                shared[key] = value
     rows = list(bases.values())
     for run in runs:
         rows.append(_run_row(run))
@@ -209,6 +215,9 @@ def write_comparison(comparison: Comparison, out_dir: str | os.PathLike) -> list
     from .plots import quality_vs_size_plot
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output '{out}' is a file; the comparison is a folder of files: "
+                        "choose another --output")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in (("comparison.csv", comparison.csv()),

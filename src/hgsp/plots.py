@@ -189,9 +189,13 @@ def removal_plot(delta_layer: list[float], delta_attn: list[float], delta_mlp: l
     return _save(fig, path)
 
 
+H_GSP_SCORE = "H-GSP score S = importance / cost × ln(1+Δ)^T"
+
+
 def score_plot(kinds: list[str], scores: list[float], status: list[str], cut: float | None,
-               path: Path, title: str = "") -> Path:
-    """Histogram of H-GSP scores per group type, split by fate, with the selection cut.
+               path: Path, title: str = "", score_name: str = H_GSP_SCORE) -> Path:
+    """Histogram of group scores per group type, split by fate, with the selection cut
+    (``score_name``: what the score is, H-GSP's or a baseline method's).
 
     Args:
         kinds: ``attn`` or ``mlp`` per group.
@@ -235,8 +239,7 @@ def score_plot(kinds: list[str], scores: list[float], status: list[str], cut: fl
         ax.grid(axis="y", alpha=0.3)
         if cut is not None and cut > 0:
             ax.axvline(cut, color="black", ls="--", lw=1.2, label=f"cut: S = {cut:.3g}")
-    axes[1][0].set_xlabel("H-GSP score S = importance / cost × ln(1+Δ)^T  (log scale; lowest "
-                          "removed first)")
+    axes[1][0].set_xlabel(f"{score_name}  (log scale; lowest removed first)")
     handles, labels = axes[1][0].get_legend_handles_labels()
     # Reading order: the two ways to be removed, kept, then the cut (hist lists them reversed).
     present = set(status)

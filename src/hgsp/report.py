@@ -220,9 +220,16 @@ def make_pictures(run: RunData, out_dir: Path) -> dict[str, Path]:
     if groups:
         kinds, scores, status = groups
         temp = run.summary.get("score", {}).get("temperature")
+        method = run.summary.get("method", "hgsp")
+        if method == "hgsp":
+            title = f"H-GSP scores of all {len(scores):,} groups (T = {temp:g}) and the cut"
+            name = plots.H_GSP_SCORE
+        else:  # a baseline ranks by its own metric; T means nothing there
+            title = f"{method} scores of all {len(scores):,} groups and the cut"
+            name = f"{method} score (the method's own importance metric)"
         made["score_distribution.png"] = plots.score_plot(
             kinds, scores, status, score_cut(scores, status), out_dir / "score_distribution.png",
-            title=f"H-GSP scores of all {len(scores):,} groups (T = {temp:g}) and the cut")
+            title=title, score_name=name)
     points = quality_points(run)
     if points:
         made_path = plots.quality_vs_size_plot(points, out_dir / "quality_vs_size.png",
@@ -553,7 +560,8 @@ def pictures_section(pictures: dict[str, Path], vis_rel: str) -> list:
         "removal_delta.png": "Perplexity increase when each layer is skipped (bars, coloured "
                              "by the mode τ gives the layer) and when only its attention or "
                              "MLP block is removed (markers). Log scale.",
-        "score_distribution.png": "H-GSP scores of every group; the lowest go first until the "
+        "score_distribution.png": "Each group's score (H-GSP's S, or a baseline method's own "
+                                  "metric); the lowest go first until the "
                                   "budget is met (dashed line: the cut). Groups above the cut "
                                   "may still go when their layer collapses.",
         "quality_vs_size.png": "Evaluation results of the pruned model against its base "
@@ -802,7 +810,7 @@ def files_section(run: RunData) -> list:
 def build_report(run: RunData, pictures: dict[str, Path],
                  shown_path: Path | None = None) -> list:
     """Every block of the report, in reading order."""
-    return [Heading(f"H-GSP pruning report: {run.name}", 1),
+    return [Heading(f"hgsp pruning report: {run.name}", 1),
             *parameters_section(run), *settings_section(run),
             *pictures_section(pictures, VIS_DIR), *layer_section(run),
             *finetune_section(run), *evaluation_section(run), *timings_section(run),
