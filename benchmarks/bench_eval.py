@@ -2,8 +2,7 @@
 """Evaluate the dense demo model (or any model) and print a table.
 
 Perplexity on WikiText-2 test, PTB test and the C4 evaluation documents at 128 and 2048
-tokens (``--ppl_datasets``, ``--ppl_seq_len``; the 100 C4 documents are too short for many
-2048-token windows); zero-shot accuracy on the default 4 tasks (``--zeroshot_limit`` documents
+tokens (``--ppl_datasets``, ``--ppl_seq_len``); zero-shot accuracy on the default 4 tasks (``--zeroshot_limit`` documents
 per task, all with ``--zeroshot_limit 0``); efficiency figures.
 
     python benchmarks/bench_eval.py [--model PATH] [--zeroshot_limit 500] [--out FILE]
