@@ -360,3 +360,21 @@ def test_a_ratio_that_empties_the_decoder_is_one_line(tiny_model_dir, data_dir, 
     err = capsys.readouterr().err
     assert "removes all 4 decoder layers" in err and "Traceback" not in err
     assert not (tmp_path / "over").exists() and not (tmp_path / "under").exists()
+
+
+def test_delta_metric_loss_writes_deltas_in_the_unit_of_tau(tiny_model_dir, data_dir, tmp_path):
+    """τ and the modes come from loss deltas: the removal files hold those, not perplexity."""
+    import math
+
+    assert main(["prune", *base_args(tiny_model_dir, data_dir, tmp_path),
+                 "--delta_metric", "loss"]) == 0
+    doc = json.loads((tmp_path / "run" / "analysis" / "layer_removal_ppl.json").read_text())
+    assert doc["delta_metric"] == "loss"
+    for entry in doc["layers"]:
+        expected = max(0.0, math.log(entry["ppl"]) - math.log(doc["base_ppl"]))
+        assert entry["delta"] == pytest.approx(expected)
+        assert (entry["mode"] == "layer") == (entry["delta"] < doc["tau"])
+    blocks = json.loads((tmp_path / "run" / "analysis" / "block_removal_ppl.json").read_text())
+    for entry in blocks["layers"]:
+        assert entry["attn_delta"] == pytest.approx(
+            max(0.0, math.log(entry["attn_ppl"]) - math.log(doc["base_ppl"])))

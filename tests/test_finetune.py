@@ -362,3 +362,33 @@ def test_bad_input_exits_2_without_results(case, workspace, finetuned_run, tmp_p
     assert not any("stage: calibration" in line or "perplexity" in line for line in err)
     leftovers = [p.name for p in (workspace["root"] / "results").iterdir() if name in p.name]
     assert leftovers == []
+
+
+def test_a_local_sample_too_small_falls_back_to_the_hub(workspace, monkeypatch):
+    """The usage document's `--finetune_samples 1000` needs more than the local demo file:
+    online the Hub set is used; offline the error names --finetune_data_path."""
+    from hgsp import finetune as ft
+    from hgsp.alpaca import InstructionSet
+
+    hub = InstructionSet([{"instruction": f"q{i}", "input": "", "output": f"a{i}"}
+                          for i in range(2000)], "hub:yahma/alpaca-cleaned")
+    asked = []
+    real = ft.load_instructions
+
+    def fake(spec, data_dir=None):
+        asked.append(spec)
+        return hub if spec == ft.DEFAULT_HUB_DATASET else real(spec, data_dir)
+
+    monkeypatch.setattr(ft, "load_instructions", fake)
+    settings = FinetuneSettings(samples=1000, val_samples=50, data_dir=str(workspace["data"]))
+    monkeypatch.setattr(ft, "hub_offline", lambda: False)
+    data = ft.prepare(settings)
+    assert asked == [None, ft.DEFAULT_HUB_DATASET] and data.origin.startswith("hub:")
+    assert len(data.train) == 1000 and len(data.val) == 50
+    monkeypatch.setattr(ft, "hub_offline", lambda: True)
+    with pytest.raises(UserError, match="--finetune_data_path with a larger"):
+        ft.prepare(settings)
+    small = FinetuneSettings(samples=8, val_samples=4, data_dir=str(workspace["data"]))
+    monkeypatch.setattr(ft, "hub_offline", lambda: False)
+    asked.clear()
+    assert not ft.prepare(small).origin.startswith("hub:") and asked == [None]

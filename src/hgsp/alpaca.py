@@ -202,7 +202,8 @@ def select_examples(data: InstructionSet, n_train: int, n_val: int, seed: int) -
     if n_train + n_val > available:
         raise UserError(f"fine-tuning data '{data.origin}' has {available} records, but "
                         f"--finetune_samples {n_train} + --finetune_val_samples {n_val} = "
-                        f"{n_train + n_val} are needed: lower them")
+                        f"{n_train + n_val} are needed: lower them, or pass "
+                        "--finetune_data_path with a larger Alpaca-format file or Hub dataset")
     order = random.Random(seed).sample(range(available), n_train + n_val)
     train_idx, val_idx = order[:n_train], order[n_train:]
     return FinetuneData([data.records[i] for i in train_idx], [data.records[i] for i in val_idx],

@@ -104,8 +104,9 @@ class PruneConfig:
     num_examples: int = _f(32, "calibration windows for the importance")
     seq_len: int = _f(128, "tokens per calibration / analysis window")
     gradient_batch_size: int = _f(4, "windows per gradient batch: the loss is the mean over "
-                                     "a batch (its windows run one at a time, so this does not "
-                                     "change memory)")
+                                     "a batch (its windows run one at a time, except with "
+                                     "taylor_2nd); also the batch of the forward-only passes "
+                                     "(activation statistics, refit)")
     gradient_passes: int = _f(2, "split the layers into N groups, one calibration pass each: "
                                  "the gradient sums held at once shrink N-fold, same "
                                  "importances, more forward passes")

@@ -9,11 +9,14 @@
       "versions": {"hgsp", "torch", "transformers", "lm_eval"},
       "machine": {"platform", "processor", "threads", "device"},
       "models": {
-        "base":   {"source", "cached", "ppl": {DATASET: {SEQ_LEN: {...}}}, "zeroshot": {...},
+        "base":   {"source", "cached", "ppl": {DATASET: {SEQ_LEN: {...}}},
+                   "zeroshot": {"tasks": {TASK: {"acc", "acc_norm", "n", ...}}, "mean_acc",
+                                "mean_acc_norm", "documents", ...},
                    "efficiency": {...}},
         "pruned": {same keys}
       },
-      "ratios": {"ppl": {DATASET: {SEQ_LEN: pruned/base}}, "zeroshot_mean_acc": pruned-base,
+      "ratios": {"ppl": {DATASET: {SEQ_LEN: pruned/base}},
+                 "zeroshot_mean_acc_difference": pruned-base,
                  "efficiency": {figure: pruned/base}}
     }
 
@@ -26,8 +29,8 @@ holds every task's per-document outcomes, for paired comparisons of two models
 (:mod:`hgsp.paired`, ``benchmarks/paired_zeroshot.py``).
 
 A model evaluated alone has only ``models.model``. Perplexity and zero-shot results of a base
-model are cached under ``$HGSP_HOME/cache/eval`` keyed by the model's fingerprint and the
-settings, so a sweep of ratios evaluates the base once; efficiency is always measured afresh,
+model are cached under ``$HGSP_HOME/cache/eval`` keyed by the model's fingerprint, dtype,
+device type, data folder and the settings, so a sweep of ratios evaluates the base once; efficiency is always measured afresh,
 in the same process for both models, so the two timings compare.
 """
 

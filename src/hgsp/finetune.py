@@ -37,8 +37,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .alpaca import FinetuneData, check_cutoff, collate, encode_all, load_instructions, \
-    select_examples
+from .alpaca import DEFAULT_HUB_DATASET, FinetuneData, check_cutoff, collate, encode_all, \
+    load_instructions, select_examples
+from .data import hub_offline
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,12 @@ def prepare(settings: FinetuneSettings, distributed_ok: bool = False) -> Finetun
         raise UserError("hgsp prune --finetune runs on one device: prune first, then launch "
                         "`accelerate launch -m hgsp.cli finetune --model RESULTS/NAME/models ...`")
     records = load_instructions(settings.data_path, settings.data_dir)
+    needed = settings.samples + settings.val_samples
+    if settings.data_path is None and len(records.records) < needed and not hub_offline():
+        # the local demo sample (999 records) is a stand-in for the Hub set, not a limit
+        log.info("the local Alpaca sample has %d records, %d are needed: using the Hub "
+                 "dataset %s", len(records.records), needed, DEFAULT_HUB_DATASET)
+        records = load_instructions(DEFAULT_HUB_DATASET)
     return select_examples(records, settings.samples, settings.val_samples, settings.seed)
 
 

@@ -14,16 +14,21 @@ GROUP_COLUMNS = ["layer", "type", "index", "importance", "cost", "delta", "score
 
 
 def write_removal_analysis(folder: Path, analysis: RemovalAnalysis | None, info: ScoreInfo,
-                           windows: list[int] | None) -> None:
-    """``layer_removal_ppl.json`` and ``block_removal_ppl.json`` (marked skipped when T = 0)."""
+                           windows: list[int] | None, metric: str = "ppl") -> None:
+    """``layer_removal_ppl.json`` and ``block_removal_ppl.json`` (marked skipped when T = 0).
+
+    The ``delta`` fields are in ``metric`` (``--delta_metric``), the unit τ and the modes were
+    decided in, so that τ compares with them; the perplexities are always there too.
+    """
     if analysis is None:
         skipped = {"skipped": True, "reason": "temperature 0: the score does not use Δ"}
         write_json(folder / "layer_removal_ppl.json", skipped)
         write_json(folder / "block_removal_ppl.json", skipped)
         return
     common = {"base_ppl": analysis.base_ppl, "seq_len": analysis.seq_len,
-              "tokens": analysis.tokens, "analysis_windows": windows}
-    d_layer, d_attn, d_mlp = (analysis.deltas(k).tolist() for k in ("layer", "attn", "mlp"))
+              "tokens": analysis.tokens, "analysis_windows": windows, "delta_metric": metric}
+    d_layer, d_attn, d_mlp = (analysis.deltas(k, metric).tolist()
+                              for k in ("layer", "attn", "mlp"))
     write_json(folder / "layer_removal_ppl.json", {
         **common, "tau": info.tau,
         "layers": [{"layer": i, "ppl": p, "delta": d, "mode": m} for i, (p, d, m) in

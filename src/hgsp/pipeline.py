@@ -280,7 +280,8 @@ def prune(cfg: PruneConfig) -> PruneResult:
             save_pruned_model(pruned, tokenizer, pruned_dir, cfg.save_bin)
             analysis_dir = results.path("analysis")
             write_removal_analysis(analysis_dir, analysis, info,
-                                   cal.analysis_windows if cal is not None else None)
+                                   cal.analysis_windows if cal is not None else None,
+                                   cfg.delta_metric)
             write_group_tables(analysis_dir, table, selection)
             plan.save(analysis_dir / "pruning_plan.json")
             rows = layer_summary(plan, d.gqa_ratio, info, selection,

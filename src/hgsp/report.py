@@ -253,8 +253,9 @@ def _removal_picture(run: RunData, path: Path) -> Path:
         [e["mlp_delta"] for e in br["layers"]], [e["mode"] for e in lr["layers"]],
         lr.get("tau"), path, base_ppl=lr.get("base_ppl"),
         removed_layers=run.summary.get("layers", {}).get("removed") or [],
-        title=f"Perplexity increase Δ when a layer or block is skipped (base perplexity "
-              f"{lr['base_ppl']:.4g}, {lr.get('tokens', '?')} tokens)")
+        title=f"{'Loss' if lr.get('delta_metric') == 'loss' else 'Perplexity'} increase Δ "
+              f"when a layer or block is skipped (base perplexity {lr['base_ppl']:.4g}, "
+              f"{lr.get('tokens', '?')} tokens)")
 
 
 def quality_points(run: RunData):
