@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 
 import pytest
@@ -226,3 +227,29 @@ def test_ptb_validation_is_its_own_evaluation_set(tiny_model_dir, data_dir):
     assert val["dataset"] == "ptb_val" and val["ppl"] != test["ppl"]
     assert load_corpus("ptb", "validation", str(data_dir)).documents != \
         load_corpus("ptb", "test", str(data_dir)).documents
+
+
+def test_base_results_are_cached_per_evaluation_text(tiny_model_dir, data_dir, tmp_path,
+                                                     monkeypatch):
+    """Another data folder with other text: no cache hit, although nothing else changed."""
+    from hgsp.evaluate import evaluate_model
+    from hgsp.modelio import load_model
+
+    monkeypatch.setenv("HGSP_CACHE_DIR", str(tmp_path / "cache"))
+    other = shutil.copytree(data_dir, tmp_path / "other")
+    text = (other / "wikitext2" / "wiki.test.raw").read_text()
+    (other / "wikitext2" / "wiki.test.raw").write_text(text[len(text) // 2:])
+    loaded = load_model(str(tiny_model_dir), torch.float32, "cpu")
+    for folder, cached in ((data_dir, []), (data_dir, ["ppl"]), (other, [])):
+        settings = parse_settings("ppl", "wikitext2", "16", "default", ppl_max_windows=2,
+                                  data_dir=str(folder))
+        out = evaluate_model(loaded.model, loaded.tokenizer, settings, fingerprint="fp")
+        assert out["cached"] == cached, folder
+
+
+def test_median_of_passes_keeps_the_largest_pass_memory_together():
+    passes = [_pass(10.0, 0.3, 5), _pass(30.0, 0.1, 9), _pass(20.0, 0.2, 7)]
+    for p, (start, own) in zip(passes, ((1, 50), (2, 40), (3, 60))):
+        p["peak_memory"].update(start_bytes=start, model_bytes=own)
+    mem = median_of_passes(passes)["peak_memory"]
+    assert mem["peak_bytes"] == 9 and mem["start_bytes"] == 2 and mem["model_bytes"] == 60

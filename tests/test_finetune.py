@@ -388,6 +388,16 @@ def test_a_local_sample_too_small_falls_back_to_the_hub(workspace, monkeypatch):
     monkeypatch.setattr(ft, "hub_offline", lambda: True)
     with pytest.raises(UserError, match="--finetune_data_path with a larger"):
         ft.prepare(settings)
+    def unreachable(spec, data_dir=None):  # online by the environment, but no network
+        if spec == ft.DEFAULT_HUB_DATASET:
+            raise UserError("cannot load fine-tuning data 'yahma/alpaca-cleaned' (no network)")
+        return real(spec, data_dir)
+
+    monkeypatch.setattr(ft, "load_instructions", unreachable)
+    monkeypatch.setattr(ft, "hub_offline", lambda: False)
+    with pytest.raises(UserError, match="--finetune_data_path with a larger"):
+        ft.prepare(settings)  # the local sample's message, not the Hub's
+    monkeypatch.setattr(ft, "load_instructions", fake)
     small = FinetuneSettings(samples=8, val_samples=4, data_dir=str(workspace["data"]))
     monkeypatch.setattr(ft, "hub_offline", lambda: False)
     asked.clear()

@@ -564,7 +564,7 @@ def test_budget_wins_over_epsilon_and_the_thinned_layer_is_reported(caplog):
     assert budget <= sel.removed_params <= budget + C_ATTN + FIXED.attn  # a group and its block
     with caplog.at_level("WARNING", logger="hgsp.methods"):
         warn_kept_below_epsilon(sel, 0.9)
-    assert "[1]" in caplog.text and "lower --epsilon" in caplog.text
+    assert "[1]" in caplog.text and "raise --pruning_ratio to remove them whole" in caplog.text
     caplog.clear()
     # a budget that holds both layers: both go whole, nothing is reported
     roomy = select(t, 2 * LAYER_TOTAL - C_ATTN, FIXED, epsilon=0.9)

@@ -73,7 +73,8 @@ class PruneConfig:
     delta_metric: str = _f("ppl", "Δ of a removal: ppl (perplexity increase P-P0) or loss "
                                   "(loss increase ln P - ln P0)", choices=("ppl", "loss"))
     epsilon: float = _f(0.15, "collapse threshold ε: a layer keeping less than this fraction of "
-                              "its parameters is removed whole (0 disables)")
+                              "its parameters is removed whole while the ratio allows "
+                              "(0 disables)")
     bias_compensation: bool = _f(True, "give each pruned o_proj/down_proj a bias holding the "
                                         "calibration-mean contribution of its removed heads and "
                                         "channels (as FLAP does); for --method hgsp (flap always "

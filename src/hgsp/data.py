@@ -102,6 +102,17 @@ def load_corpus(name: str, split: str, data_dir: str | None = None) -> Corpus:
     return _load_from_hub(name, split, data_dir)
 
 
+def corpus_source(name: str, split: str, data_dir: str | None = None) -> str:
+    """Where :func:`load_corpus` would read ``name``/``split`` from, without reading it: the
+    absolute local file, else the Hub (for evaluation-cache keys: one ``--data_dir`` string
+    can name different folders, and a local file can appear after a Hub run)."""
+    rel = _LOCAL_FILES.get((name, split))
+    for directory in data_dirs(data_dir) if rel else []:
+        if (directory / rel).is_file():
+            return str((directory / rel).resolve())
+    return f"hub:{name}/{split}"
+
+
 def _alpaca_corpus(split: str, data_dir: str | None) -> Corpus:
     """Alpaca records as documents: the prompt, then the response, as in fine-tuning."""
     from .alpaca import (DEFAULT_HUB_DATASET, LOCAL_DEMO, build_prompt, load_instructions,

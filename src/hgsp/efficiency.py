@@ -219,6 +219,8 @@ def median_of_passes(passes: list[dict]) -> dict:
     out["speed"]["passes"] = [{k: v for k, v in p["speed"].items() if k.startswith("batch")}
                               for p in passes]
     peaks = [p["peak_memory"].get("peak_bytes") for p in passes]
-    if all(peaks):
-        out["peak_memory"] = {**passes[0]["peak_memory"], "peak_bytes": max(peaks)}
+    if all(peaks):  # the pass with the largest peak, its figures together
+        worst = max(passes, key=lambda p: p["peak_memory"]["peak_bytes"])["peak_memory"]
+        own = [p["peak_memory"].get("model_bytes") for p in passes]
+        out["peak_memory"] = {**worst, **({"model_bytes": max(own)} if all(own) else {})}
     return out

@@ -76,14 +76,25 @@ class EvalSettings:
     data_dir: str | None = None
 
     def cache_key(self, fingerprint: str, kind: str, placement: str) -> str:
-        """``placement``: the model's dtype and device type, which change the numbers."""
-        relevant = {"ppl": ("ppl_datasets", "ppl_seq_lens", "ppl_max_windows", "data_dir"),
-                    "zeroshot": ("zeroshot_tasks", "zeroshot_limit", "data_dir")}[kind]
+        """``placement``: the model's dtype and device type, which change the numbers; the
+        evaluation text enters as the files it resolves to, not as the ``--data_dir`` given."""
+        relevant = {"ppl": ("ppl_datasets", "ppl_seq_lens", "ppl_max_windows"),
+                    "zeroshot": ("zeroshot_tasks", "zeroshot_limit")}[kind]
         payload = {k: getattr(self, k) for k in relevant}
-        payload.update(fingerprint=fingerprint, kind=kind, hgsp=__version__, placement=placement)
+        payload.update(fingerprint=fingerprint, kind=kind, hgsp=__version__, placement=placement,
+                       sources=self.sources(kind))
         if kind == "zeroshot":  # results now hold per-document outcomes: older ones lack them
             payload["documents"] = True
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+    def sources(self, kind: str) -> list[str]:
+        from .data import corpus_source
+        from .zeroshot import default_data_roots
+
+        if kind == "ppl":
+            return [corpus_source(*EVAL_SPLITS[d], self.data_dir) for d in self.ppl_datasets]
+        return [str(root.resolve()) for root in default_data_roots(self.data_dir)]
 
 
 def _split_list(text: str | None) -> list[str]:

@@ -142,9 +142,12 @@ def prepare(settings: FinetuneSettings, distributed_ok: bool = False) -> Finetun
     needed = settings.samples + settings.val_samples
     if settings.data_path is None and len(records.records) < needed and not hub_offline():
         # the local demo sample (999 records) is a stand-in for the Hub set, not a limit
-        log.info("the local Alpaca sample has %d records, %d are needed: using the Hub "
+        log.info("the local Alpaca sample has %d records, %d are needed: trying the Hub "
                  "dataset %s", len(records.records), needed, DEFAULT_HUB_DATASET)
-        records = load_instructions(DEFAULT_HUB_DATASET)
+        try:
+            records = load_instructions(DEFAULT_HUB_DATASET)
+        except UserError as exc:  # no network or no `datasets`: the local error says more
+            log.warning("%s", exc)
     return select_examples(records, settings.samples, settings.val_samples, settings.seed)
 
 

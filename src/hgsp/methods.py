@@ -91,7 +91,8 @@ def warn_kept_below_epsilon(selection, epsilon: float) -> None:
     if selection.kept_below_epsilon:
         log.warning("layers %s keep less than --epsilon %.2f of their parameters but stay "
                     "thinned: removing them whole as well would remove more than "
-                    "--pruning_ratio; raise --pruning_ratio or lower --epsilon to remove them",
+                    "--pruning_ratio; raise --pruning_ratio to remove them whole, or lower "
+                    "--epsilon to accept them thinned",
                     selection.kept_below_epsilon, epsilon)
 
 

@@ -150,7 +150,8 @@ def _symlog_threshold(values: list[float]) -> float:
 
 def removal_plot(delta_layer: list[float], delta_attn: list[float], delta_mlp: list[float],
                  modes: list[str], tau: float | None, path: Path, base_ppl: float | None = None,
-                 removed_layers: list[int] | tuple = (), title: str = "") -> Path:
+                 removed_layers: list[int] | tuple = (), title: str = "",
+                 unit: str = "perplexity") -> Path:
     """Δ perplexity when each layer, attention block or MLP block is skipped, with τ.
 
     Bars are Δ_layer coloured by the layer's mode (Layer-Dominant when Δ_layer < τ); markers
@@ -179,7 +180,7 @@ def removal_plot(delta_layer: list[float], delta_attn: list[float], delta_mlp: l
         handles.append(Patch(color=REMOVED_SPAN, label="layer removed"))
     _layer_axis(ax, n)
     ax.set_ylim(bottom=0)
-    ax.set_ylabel("Δ perplexity (log scale)")
+    ax.set_ylabel(f"Δ {unit} (log scale)")
     ax.grid(axis="y", alpha=0.3, zorder=0)
     ax.legend(handles=handles, loc="upper center", ncols=3, fontsize=8,
               bbox_to_anchor=(0.5, -0.16), frameon=False)
@@ -238,7 +239,8 @@ def score_plot(kinds: list[str], scores: list[float], status: list[str], cut: fl
         ax.yaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         ax.grid(axis="y", alpha=0.3)
         if cut is not None and cut > 0:
-            ax.axvline(cut, color="black", ls="--", lw=1.2, label=f"cut: S = {cut:.3g}")
+            symbol = "S" if score_name == H_GSP_SCORE else "score"
+            ax.axvline(cut, color="black", ls="--", lw=1.2, label=f"cut: {symbol} = {cut:.3g}")
     axes[1][0].set_xlabel(f"{score_name}  (log scale; lowest removed first)")
     handles, labels = axes[1][0].get_legend_handles_labels()
     # Reading order: the two ways to be removed, kept, then the cut (hist lists them reversed).

@@ -253,6 +253,7 @@ def _removal_picture(run: RunData, path: Path) -> Path:
         [e["mlp_delta"] for e in br["layers"]], [e["mode"] for e in lr["layers"]],
         lr.get("tau"), path, base_ppl=lr.get("base_ppl"),
         removed_layers=run.summary.get("layers", {}).get("removed") or [],
+        unit="loss (nats per token)" if lr.get("delta_metric") == "loss" else "perplexity",
         title=f"{'Loss' if lr.get('delta_metric') == 'loss' else 'Perplexity'} increase Δ "
               f"when a layer or block is skipped (base perplexity {lr['base_ppl']:.4g}, "
               f"{lr.get('tokens', '?')} tokens)")
@@ -558,7 +559,8 @@ def pictures_section(pictures: dict[str, Path], vis_rel: str) -> list:
         "retention.png": "Share of attention groups (KV heads with their query heads), MLP "
                          "channels and parameters each layer keeps. Shaded: removed layers; "
                          "× marks a block removed from a kept layer.",
-        "removal_delta.png": "Perplexity increase when each layer is skipped (bars, coloured "
+        "removal_delta.png": "Perplexity (or, with --delta_metric loss, loss) increase when "
+                             "each layer is skipped (bars, coloured "
                              "by the mode τ gives the layer) and when only its attention or "
                              "MLP block is removed (markers). Log scale.",
         "score_distribution.png": "Each group's score (H-GSP's S, or a baseline method's own "
@@ -703,9 +705,11 @@ def _efficiency_blocks(models: dict[str, dict]) -> list:
     rows = []
     for name, (_, fmt) in first.items():
         values = {m: effs[m].get(name, (None,))[0] for m in effs}
+        # the process peak holds every model loaded at the time: no ratio between models
+        comparable = not name.startswith("peak memory of the process")
         rows.append([name, *("—" if values[m] is None else fmt(values[m]) for m in effs),
-                     *(fmt_ratio(values[m] / values["base"]
-                                 if values[m] is not None and values["base"] else None)
+                     *(fmt_ratio(values[m] / values["base"] if comparable
+                                 and values[m] is not None and values["base"] else None)
                        for m in compared)])
     sp = next(res["efficiency"] for res in models.values() if res.get("efficiency"))["speed"]
     return [Heading("Size and speed", 3),
