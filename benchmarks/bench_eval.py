@@ -2,8 +2,8 @@
 """Evaluate the dense demo model (or any model) and print a table.
 
 Perplexity on WikiText-2 test, PTB test and the C4 evaluation documents at 128 and 2048
-tokens (``--ppl_datasets``, ``--ppl_seq_len``); zero-shot accuracy on the default 4 tasks (``--zeroshot_limit`` documents
-per task, all with ``--zeroshot_limit 0``); efficiency figures.
+tokens (``--ppl_datasets``, ``--ppl_seq_len``); zero-shot accuracy on the default 4 tasks
+(``--zeroshot_limit`` documents per task, all with ``--zeroshot_limit 0``); efficiency figures.
 
     python benchmarks/bench_eval.py [--model PATH] [--zeroshot_limit 500] [--out FILE]
 

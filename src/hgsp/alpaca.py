@@ -256,8 +256,12 @@ def check_cutoff(tokenizer, data: FinetuneData, cutoff_len: int) -> None:
     token within ``cutoff_len`` (stops at the first one that does)."""
     for what, records in (("training", data.train), ("validation", data.val)):
         if records and not any(encode(tokenizer, r, cutoff_len) is not None for r in records):
-            raise UserError(f"no {what} example keeps any response token within "
-                            f"--finetune_cutoff_len {cutoff_len}: raise it")
+            raise _no_response_left(what, cutoff_len)
+
+
+def _no_response_left(what: str, cutoff_len: int) -> UserError:
+    return UserError(f"no {what} example keeps any response token within "
+                     f"--finetune_cutoff_len {cutoff_len}: raise it")
 
 
 def encode_all(tokenizer, records: list[dict], cutoff_len: int, what: str) -> list[dict]:
@@ -268,8 +272,7 @@ def encode_all(tokenizer, records: list[dict], cutoff_len: int, what: str) -> li
         log.warning("%d of %d %s examples dropped: their prompt fills --finetune_cutoff_len %d",
                     dropped, len(records), what, cutoff_len)
     if records and not examples:
-        raise UserError(f"no {what} example keeps any response token within "
-                        f"--finetune_cutoff_len {cutoff_len}: raise it")
+        raise _no_response_left(what, cutoff_len)
     return examples
 
 

@@ -90,27 +90,28 @@ def load_corpus(name: str, split: str, data_dir: str | None = None) -> Corpus:
         raise UserError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}")
     if name == "alpaca":
         return _alpaca_corpus(split, data_dir)
-    rel = _LOCAL_FILES.get((name, split))
-    if rel is None:
+    if (name, split) not in _LOCAL_FILES:
         raise UserError(f"dataset '{name}' has no '{split}' split")
-    for directory in data_dirs(data_dir):
-        path = directory / rel
-        if path.is_file():
-            docs = _read_local(name, split, path)
-            log.info("%s/%s: %d documents from %s", name, split, len(docs), path)
-            return Corpus(name, split, docs, f"{path}{_c4_range(name, split)}")
+    path = _local_file(name, split, data_dir)
+    if path is not None:
+        docs = _read_local(name, split, path)
+        log.info("%s/%s: %d documents from %s", name, split, len(docs), path)
+        return Corpus(name, split, docs, f"{path}{_c4_range(name, split)}")
     return _load_from_hub(name, split, data_dir)
+
+
+def _local_file(name: str, split: str, data_dir: str | None) -> Path | None:
+    """The file of ``name``/``split`` in the first local data directory that has it."""
+    rel = _LOCAL_FILES.get((name, split))
+    return next((d / rel for d in data_dirs(data_dir) if rel and (d / rel).is_file()), None)
 
 
 def corpus_source(name: str, split: str, data_dir: str | None = None) -> str:
     """Where :func:`load_corpus` would read ``name``/``split`` from, without reading it: the
     absolute local file, else the Hub (for evaluation-cache keys: one ``--data_dir`` string
     can name different folders, and a local file can appear after a Hub run)."""
-    rel = _LOCAL_FILES.get((name, split))
-    for directory in data_dirs(data_dir) if rel else []:
-        if (directory / rel).is_file():
-            return str((directory / rel).resolve())
-    return f"hub:{name}/{split}"
+    path = _local_file(name, split, data_dir)
+    return str(path.resolve()) if path is not None else f"hub:{name}/{split}"
 
 
 def _alpaca_corpus(split: str, data_dir: str | None) -> Corpus:

@@ -29,9 +29,10 @@ holds every task's per-document outcomes, for paired comparisons of two models
 (:mod:`hgsp.paired`, ``benchmarks/paired_zeroshot.py``).
 
 A model evaluated alone has only ``models.model``. Perplexity and zero-shot results of a base
-model are cached under ``$HGSP_HOME/cache/eval`` keyed by the model's fingerprint, dtype,
-device type, data folder and the settings, so a sweep of ratios evaluates the base once; efficiency is always measured afresh,
-in the same process for both models, so the two timings compare.
+model are cached under ``$HGSP_HOME/cache/eval`` keyed by the model's fingerprint, dtype and
+device type, the files the evaluation text resolves to, and the settings, so a sweep of ratios
+evaluates the base once; efficiency is always measured afresh, in the same process for both
+models, so the two timings compare.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ class EvalSettings:
             payload["documents"] = True
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
-
     def sources(self, kind: str) -> list[str]:
+        """The evaluation text of ``kind`` as the files (or Hub sets) it resolves to."""
         from .data import corpus_source
         from .zeroshot import default_data_roots
 

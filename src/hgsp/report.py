@@ -248,13 +248,14 @@ def _removal_picture(run: RunData, path: Path) -> Path:
     from . import plots
 
     lr, br = run.layer_removal, run.block_removal
+    loss = lr.get("delta_metric") == "loss"
     return plots.removal_plot(
         [e["delta"] for e in lr["layers"]], [e["attn_delta"] for e in br["layers"]],
         [e["mlp_delta"] for e in br["layers"]], [e["mode"] for e in lr["layers"]],
         lr.get("tau"), path, base_ppl=lr.get("base_ppl"),
         removed_layers=run.summary.get("layers", {}).get("removed") or [],
-        unit="loss (nats per token)" if lr.get("delta_metric") == "loss" else "perplexity",
-        title=f"{'Loss' if lr.get('delta_metric') == 'loss' else 'Perplexity'} increase Δ "
+        unit="loss (nats per token)" if loss else "perplexity",
+        title=f"{'Loss' if loss else 'Perplexity'} increase Δ "
               f"when a layer or block is skipped (base perplexity {lr['base_ppl']:.4g}, "
               f"{lr.get('tokens', '?')} tokens)")
 

@@ -167,46 +167,44 @@ def _select(table: GroupTable, budget: int, fixed: FixedCosts, epsilon: float,
         _give_back(table, blocks, selected, budget, collapsed)
         if epsilon <= 0:
             break
-        below = _below_epsilon(blocks, selected, totals, epsilon) & ~collapsed & ~refused
-        below &= collapsible
+        retained, gone = _layer_state(blocks, selected, totals)
+        below = (retained < epsilon) & ~gone & ~collapsed & ~refused & collapsible
         if not below.any():
             break
-        gone = collapsed | blocks.removed_blocks(selected).view(-1, 2).all(dim=1)
-        grow, refuse = _collapse_within_budget(below, selected, blocks, totals, gone, budget)
+        grow, refuse = _collapse_within_budget(below, retained, totals, collapsed | gone,
+                                               budget + int(blocks.cost.max()))
         collapsed |= grow  # every pass collapses or refuses at least one layer: the loop ends
         refused |= refuse
         selected |= grow[table.layer]
-    still_below = refused & _below_epsilon(blocks, selected, totals, epsilon)
+    retained, gone = _layer_state(blocks, selected, totals)
+    still_below = refused & (retained < epsilon) & ~gone
     return selection_from_mask(table, fixed, selected, torch.nonzero(collapsed).flatten().tolist(),
                                torch.nonzero(still_below).flatten().tolist())
 
 
-def _below_epsilon(blocks: _Blocks, selected: torch.Tensor, totals: torch.Tensor,
-                   epsilon: float) -> torch.Tensor:
-    """Layers that keep less than ``epsilon`` of their parameters and are not already gone."""
+def _layer_state(blocks: _Blocks, selected: torch.Tensor,
+                 totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer: the fraction of its parameters kept, and whether both its blocks are gone."""
     retained = 1 - blocks.layer_removed_params(selected) / totals
-    fully_removed = blocks.removed_blocks(selected).view(-1, 2).all(dim=1)
-    return (retained < epsilon) & ~fully_removed
+    return retained, blocks.removed_blocks(selected).view(-1, 2).all(dim=1)
 
 
-def _collapse_within_budget(below: torch.Tensor, selected: torch.Tensor, blocks: _Blocks,
-                            totals: torch.Tensor, gone: torch.Tensor,
-                            budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _collapse_within_budget(below: torch.Tensor, retained: torch.Tensor, totals: torch.Tensor,
+                            gone: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the layers ``below`` ε into those to remove whole and those to leave thinned;
     ``gone``: the layers already removed whole (collapsed, or wholly selected).
 
     The budget wins over ε (DESIGN.md §6: the achieved ratio lands within one group's cost of
     the target). What collapse removes beyond the budget is given back from the other layers,
-    which is only possible while the whole layers removed fit in the budget (give or take the
-    largest group); a layer that would break that stays thinned. The emptiest go first.
+    which is only possible while the whole layers removed fit in the budget (``limit``: the
+    budget plus the largest group); a layer that would break that stays thinned. The emptiest
+    go first.
     """
-    retained = 1 - blocks.layer_removed_params(selected) / totals
     layers = torch.nonzero(below).flatten()
     layers = layers[torch.sort(retained[layers], stable=True).indices]
     grow = torch.zeros_like(below)
     refuse = torch.zeros_like(below)
     whole = float(totals[gone].sum())
-    limit = budget + int(blocks.cost.max())
     for layer in layers.tolist():
         if whole + float(totals[layer]) <= limit:
             grow[layer] = True
